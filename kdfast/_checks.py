@@ -1,0 +1,104 @@
+"""Argument checks shared by every public op: one place, one wording.
+
+Each check raises ``ValueError`` (bad value or shape) or ``TypeError`` (bad dtype) and names the
+argument, so that a user reading the message knows which tensor to look at.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+ROW_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+ND_REDUCTIONS = ("none", "sum", "mean")
+NYSTROM_KINDS = ("smooth_l1", "fro", "sq_fro")
+SKD_NORMALIZATIONS = ("layernorm", "l2", "standardize")
+
+
+def tensor(name: str, value, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
+           floating: bool = True) -> None:
+    """A floating tensor of the right rank."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(value.shape)}")
+
+
+def same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)} but {ref_name} has shape "
+                         f"{tuple(ref.shape)}; they must match")
+
+
+def same_dtype_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; "
+                         "they must be on the same device")
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has dtype {ref.dtype}; "
+                        "they must match")
+
+
+def target(name: str, value, *, batch_shape: Sequence[int], ref_name: str, ref: torch.Tensor,
+           num_classes: int, ignore_index: Optional[int]) -> None:
+    """Integer class labels of shape ``batch_shape`` in [0, num_classes) or equal to ignore_index.
+
+    The range check needs the values: on CPU it raises at once; on an accelerator (or while
+    torch.compile traces) it becomes a device-side assertion so that no host sync is forced.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(value).__name__}")
+    if value.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must hold integer class indices, got dtype {value.dtype}")
+    if tuple(value.shape) != tuple(batch_shape):
+        raise ValueError(f"{name} must have shape {tuple(batch_shape)} (the rows of {ref_name}), "
+                         f"got {tuple(value.shape)}")
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; "
+                         "they must be on the same device")
+    if value.numel() == 0:
+        return
+    valid = (value >= 0) & (value < num_classes)
+    if ignore_index is not None:
+        valid = valid | (value == ignore_index)
+    message = (f"{name} holds a label outside [0, {num_classes}) that is not "
+               f"ignore_index={ignore_index}")
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(valid.all()):
+            bad = value[~valid][0].item()
+            raise ValueError(f"{message} (found {bad})")
+    else:
+        torch._assert_async(valid.all(), message)
+
+
+def choice(name: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def positive(name: str, value) -> None:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def non_negative(name: str, value) -> None:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def in_unit_interval(name: str, value) -> None:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")

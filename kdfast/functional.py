@@ -1,0 +1,238 @@
+"""The public ops: check the arguments, pick a backend, call it.
+
+Every op accepts ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``. Student tensors get
+gradients; teacher tensors, centres and landmarks never do. Logit losses accept any number of
+leading dimensions (e.g. [batch, tokens, vocab]); ``reduction="none"`` keeps them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks
+from ._dispatch import resolve
+from .regions import l2rkd_mix  # noqa: F401  (re-exported: part of the functional API)
+
+__all__ = [
+    "kd_loss", "skd_loss", "partial_teacher_loss", "label_smoothing_loss", "reweighted_ce_loss",
+    "nd_loss", "nystrom_loss", "l2rkd_loss", "l2rkd_mix",
+]
+
+
+def _rows(name: str, logits: torch.Tensor) -> torch.Tensor:
+    """[..., C] → [N, C], the layout every backend takes."""
+    _checks.tensor(name, logits, min_ndim=1)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one class (last dimension), got shape {tuple(logits.shape)}")
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def _unflatten(loss: torch.Tensor, reduction: str, leading_shape: torch.Size) -> torch.Tensor:
+    return loss.reshape(leading_shape) if reduction == "none" else loss
+
+
+def _check_logit_pair(student_logits, teacher_logits) -> None:
+    _checks.tensor("student_logits", student_logits, min_ndim=1)
+    _checks.tensor("teacher_logits", teacher_logits, min_ndim=1)
+    _checks.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
+    _checks.same_dtype_device("teacher_logits", teacher_logits, "student_logits", student_logits)
+
+
+def _check_row_target(target, student_logits, ignore_index, *, required: bool) -> Optional[torch.Tensor]:
+    if target is None:
+        if required:
+            raise ValueError("target is required for this loss (class indices of shape student_logits.shape[:-1])")
+        return None
+    if ignore_index is not None and not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    _checks.target("target", target, batch_shape=student_logits.shape[:-1], ref_name="student_logits",
+                   ref=student_logits, num_classes=student_logits.shape[-1], ignore_index=ignore_index)
+    return target.reshape(-1)
+
+
+def _check_distill_options(temperature, alpha, reduction, target) -> None:
+    _checks.positive("temperature", temperature)
+    _checks.in_unit_interval("alpha", alpha)
+    _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
+    if alpha < 1 and target is None:
+        raise ValueError(f"target is required when alpha < 1 (alpha={alpha} weights a CE term on the labels)")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
+            *, temperature: float = 4.0, alpha: float = 1.0, reduction: str = "batchmean",
+            ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
+    """Hinton KD: α·T²·KL(σ_T(z^t) ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y).
+
+    ``target`` is needed only when ``alpha < 1`` or to mask rows with ``ignore_index``.
+    ``batchmean`` divides by the counted rows, ``mean`` also by C (torch.nn.KLDivLoss convention).
+    """
+    _check_logit_pair(student_logits, teacher_logits)
+    _check_distill_options(temperature, alpha, reduction, target)
+    flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
+    op = resolve(backend, "kd_loss", student_logits.device)
+    loss = op(_rows("student_logits", student_logits), _rows("teacher_logits", teacher_logits), flat_target,
+              temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
+    return _unflatten(loss, reduction, student_logits.shape[:-1])
+
+
+def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
+             *, temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 1.0, eps: float = 1e-7,
+             normalize: str = "layernorm", reduction: str = "batchmean", ignore_index: Optional[int] = -100,
+             backend: str = "auto") -> torch.Tensor:
+    """Spherical KD: KD between h = κ·normalize(z) of both networks; CE (weight 1 − α) on h^s at T = 1.
+
+    ``normalize``: ``"layernorm"`` (official SKD), ``"l2"`` (uncentred), ``"standardize"``
+    (logit standardisation, unbiased std + eps).
+    """
+    _check_logit_pair(student_logits, teacher_logits)
+    _check_distill_options(temperature, alpha, reduction, target)
+    _checks.positive("multiplier", multiplier)
+    _checks.positive("eps", eps)
+    _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
+    flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
+    op = resolve(backend, "skd_loss", student_logits.device)
+    loss = op(_rows("student_logits", student_logits), _rows("teacher_logits", teacher_logits), flat_target,
+              temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
+              reduction=reduction, ignore_index=ignore_index)
+    return _unflatten(loss, reduction, student_logits.shape[:-1])
+
+
+def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+                         temperature: float = 1.0, alpha: float = 0.5, reduction: str = "batchmean",
+                         ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
+    """KD-pt (Tang et al.): KD against the partial teacher q^pt, which keeps only the teacher's
+    true-class probability ρ and spreads 1 − ρ evenly over the other classes."""
+    _check_logit_pair(student_logits, teacher_logits)
+    _check_distill_options(temperature, alpha, reduction, target)
+    flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
+    op = resolve(backend, "partial_teacher_loss", student_logits.device)
+    loss = op(_rows("student_logits", student_logits), _rows("teacher_logits", teacher_logits), flat_target,
+              temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
+    return _unflatten(loss, reduction, student_logits.shape[:-1])
+
+
+def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0.1,
+                         reduction: str = "mean", ignore_index: Optional[int] = -100,
+                         backend: str = "auto") -> torch.Tensor:
+    """CE against (1 − ε)·e_y + ε/C (equals torch's cross_entropy with label_smoothing=ε).
+    ``mean`` and ``batchmean`` both average over the counted rows, as torch's CE does."""
+    _checks.tensor("student_logits", student_logits, min_ndim=1)
+    _checks.in_unit_interval("smoothing", smoothing)
+    _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
+    flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
+    op = resolve(backend, "label_smoothing_loss", student_logits.device)
+    loss = op(_rows("student_logits", student_logits), flat_target, smoothing=smoothing, reduction=reduction,
+              ignore_index=ignore_index)
+    return _unflatten(loss, reduction, student_logits.shape[:-1])
+
+
+def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+                       alpha: float = 0.5, temperature: float = 1.0, eps: float = 1e-6, reduction: str = "mean",
+                       ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
+    """Instance re-weighted CE (Tang et al.): w_i·CE_i with the detached weight
+    w_i = 1 − α(1 − ρ_i)/max(1 − p_{y,i}, eps), ρ_i the teacher's true-class probability at T."""
+    _check_logit_pair(student_logits, teacher_logits)
+    _checks.in_unit_interval("alpha", alpha)
+    _checks.positive("temperature", temperature)
+    _checks.positive("eps", eps)
+    _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
+    flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
+    op = resolve(backend, "reweighted_ce_loss", student_logits.device)
+    loss = op(_rows("student_logits", student_logits), _rows("teacher_logits", teacher_logits), flat_target,
+              alpha=alpha, temperature=temperature, eps=eps, reduction=reduction, ignore_index=ignore_index)
+    return _unflatten(loss, reduction, student_logits.shape[:-1])
+
+
+def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor,
+            centers: torch.Tensor, *, reduction: str = "mean", ignore_index: Optional[int] = -100,
+            eps: float = 1e-8, backend: str = "auto") -> torch.Tensor:
+    """ND loss: 1 − ⟨u, ê_y⟩ / max(‖u‖, ‖f^t‖), averaged over the batch.
+
+    ``student_features`` (B×d) must already be in the teacher's dimension d (see
+    :class:`kdfast.NDLoss` for the projection); ``centers`` is the raw C×d teacher class-mean table.
+    """
+    _checks.tensor("student_features", student_features, ndim=2)
+    _checks.tensor("teacher_features", teacher_features, ndim=2)
+    _checks.tensor("centers", centers, ndim=2)
+    _checks.same_shape("teacher_features", teacher_features, "student_features", student_features)
+    _checks.same_dtype_device("teacher_features", teacher_features, "student_features", student_features)
+    _checks.same_dtype_device("centers", centers, "student_features", student_features)
+    if centers.shape[1] != student_features.shape[1]:
+        raise ValueError(f"centers has feature dimension {centers.shape[1]} but student_features has "
+                         f"{student_features.shape[1]}; project the student features to the teacher's dimension")
+    if centers.shape[0] == 0:
+        raise ValueError("centers must have at least one class (row)")
+    _checks.choice("reduction", reduction, _checks.ND_REDUCTIONS)
+    _checks.positive("eps", eps)
+    if ignore_index is not None and not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    _checks.target("target", target, batch_shape=student_features.shape[:1], ref_name="student_features",
+                   ref=student_features, num_classes=centers.shape[0], ignore_index=ignore_index)
+    op = resolve(backend, "nd_loss", student_features.device)
+    return op(student_features, teacher_features, target, centers, reduction=reduction,
+              ignore_index=ignore_index, eps=eps)
+
+
+def nystrom_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                 student_landmarks: torch.Tensor, teacher_landmarks: torch.Tensor, *, kind: str = "smooth_l1",
+                 normalize: bool = True, reduction: str = "sum", beta: float = 1.0, eps: float = 1e-12,
+                 backend: str = "auto") -> torch.Tensor:
+    """KDA / Nyström partial-Gram transfer: loss(F^s·C^sᵀ − F^t·C^tᵀ) / ‖F^t·C^tᵀ‖_F.
+
+    Each network uses its own landmarks (e.g. its class means from the previous epoch), so the
+    student and teacher feature dimensions may differ; both landmark tables must have m rows.
+    """
+    _checks.tensor("student_features", student_features, ndim=2)
+    _checks.tensor("teacher_features", teacher_features, ndim=2)
+    _checks.tensor("student_landmarks", student_landmarks, ndim=2)
+    _checks.tensor("teacher_landmarks", teacher_landmarks, ndim=2)
+    for name, value in (("teacher_features", teacher_features), ("student_landmarks", student_landmarks),
+                        ("teacher_landmarks", teacher_landmarks)):
+        _checks.same_dtype_device(name, value, "student_features", student_features)
+    if teacher_features.shape[0] != student_features.shape[0]:
+        raise ValueError(f"teacher_features has {teacher_features.shape[0]} rows but student_features has "
+                         f"{student_features.shape[0]}; they must match")
+    if student_landmarks.shape[1] != student_features.shape[1]:
+        raise ValueError(f"student_landmarks has dimension {student_landmarks.shape[1]} but student_features "
+                         f"has {student_features.shape[1]}")
+    if teacher_landmarks.shape[1] != teacher_features.shape[1]:
+        raise ValueError(f"teacher_landmarks has dimension {teacher_landmarks.shape[1]} but teacher_features "
+                         f"has {teacher_features.shape[1]}")
+    if student_landmarks.shape[0] != teacher_landmarks.shape[0]:
+        raise ValueError(f"student_landmarks has {student_landmarks.shape[0]} landmarks but teacher_landmarks "
+                         f"has {teacher_landmarks.shape[0]}; they must match")
+    _checks.choice("kind", kind, _checks.NYSTROM_KINDS)
+    _checks.choice("reduction", reduction, ("sum",) if kind == "fro" else _checks.ND_REDUCTIONS)
+    _checks.positive("beta", beta)
+    _checks.positive("eps", eps)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    op = resolve(backend, "nystrom_loss", student_features.device)
+    return op(student_features, teacher_features, student_landmarks, teacher_landmarks, kind=kind,
+              normalize=normalize, reduction=reduction, beta=beta, eps=eps)
+
+
+def l2rkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mixed_student_logits: torch.Tensor,
+               mixed_teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+               temperature: float = 4.0, kd_weight: float = 1.0, region_weight: float = 1.0,
+               ce_weight: float = 1.0, reduction: str = "batchmean", ignore_index: Optional[int] = -100,
+               backend: str = "auto") -> torch.Tensor:
+    """L2RKD (spec §5a): CE(z^s(x), y)·ce_weight + kd_weight·T²·KL on the clean inputs
+    + region_weight·T²·KL on the mixed inputs x̃ = λx + (1 − λ)x_π (see :func:`l2rkd_mix`),
+    the teacher evaluated at x̃. The CE term needs ``target``; set ``ce_weight=0`` to leave it out."""
+    for name in ("kd_weight", "region_weight", "ce_weight"):
+        _checks.non_negative(name, locals()[name])
+    if ce_weight > 0 and target is None:
+        raise ValueError("target is required when ce_weight > 0")
+    clean_kd = kd_loss(student_logits, teacher_logits, target, temperature=temperature, reduction=reduction,
+                       ignore_index=ignore_index, backend=backend)
+    region_kd = kd_loss(mixed_student_logits, mixed_teacher_logits, temperature=temperature,
+                        reduction=reduction, backend=backend)
+    loss = kd_weight * clean_kd + region_weight * region_kd
+    if ce_weight > 0:
+        # label smoothing with ε = 0 is plain CE (with CE's meaning of reduction="mean")
+        loss = loss + ce_weight * label_smoothing_loss(student_logits, target, smoothing=0.0,
+                                                       reduction=reduction, ignore_index=ignore_index,
+                                                       backend=backend)
+    return loss

@@ -1,0 +1,216 @@
+"""nn.Module losses: the constructor takes the hyper-parameters, ``forward`` the tensors.
+
+Each module calls its twin in :mod:`kdfast.functional`; the stateful ones (NDLoss, NystromLoss)
+also own their centres or landmarks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import functional as KF
+from .accumulators import ClassCenters
+from .regions import l2rkd_mix
+
+
+class _HyperParameters(nn.Module):
+    """Stores keyword hyper-parameters and shows them in repr()."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+class KDLoss(_HyperParameters):
+    """Hinton KD. ``forward(student_logits, teacher_logits, target=None)``; see :func:`kdfast.kd_loss`."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, reduction: str = "batchmean",
+                 ignore_index: Optional[int] = -100, backend: str = "auto"):
+        super().__init__(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
+                         backend=backend)
+
+    def forward(self, student_logits, teacher_logits, target=None):
+        return KF.kd_loss(student_logits, teacher_logits, target, **self.options)
+
+
+class SKDLoss(_HyperParameters):
+    """Spherical KD. ``forward(student_logits, teacher_logits, target=None)``; see :func:`kdfast.skd_loss`."""
+
+    def __init__(self, temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 1.0, eps: float = 1e-7,
+                 normalize: str = "layernorm", reduction: str = "batchmean", ignore_index: Optional[int] = -100,
+                 backend: str = "auto"):
+        super().__init__(temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
+                         reduction=reduction, ignore_index=ignore_index, backend=backend)
+
+    def forward(self, student_logits, teacher_logits, target=None):
+        return KF.skd_loss(student_logits, teacher_logits, target, **self.options)
+
+
+class PartialTeacherLoss(_HyperParameters):
+    """KD-pt. ``forward(student_logits, teacher_logits, target)``; see :func:`kdfast.partial_teacher_loss`."""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, reduction: str = "batchmean",
+                 ignore_index: Optional[int] = -100, backend: str = "auto"):
+        super().__init__(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
+                         backend=backend)
+
+    def forward(self, student_logits, teacher_logits, target):
+        return KF.partial_teacher_loss(student_logits, teacher_logits, target, **self.options)
+
+
+class LabelSmoothingLoss(_HyperParameters):
+    """``forward(student_logits, target)``; see :func:`kdfast.label_smoothing_loss`."""
+
+    def __init__(self, smoothing: float = 0.1, reduction: str = "mean", ignore_index: Optional[int] = -100,
+                 backend: str = "auto"):
+        super().__init__(smoothing=smoothing, reduction=reduction, ignore_index=ignore_index, backend=backend)
+
+    def forward(self, student_logits, target):
+        return KF.label_smoothing_loss(student_logits, target, **self.options)
+
+
+class ReweightedCELoss(_HyperParameters):
+    """``forward(student_logits, teacher_logits, target)``; see :func:`kdfast.reweighted_ce_loss`."""
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, eps: float = 1e-6, reduction: str = "mean",
+                 ignore_index: Optional[int] = -100, backend: str = "auto"):
+        super().__init__(alpha=alpha, temperature=temperature, eps=eps, reduction=reduction,
+                         ignore_index=ignore_index, backend=backend)
+
+    def forward(self, student_logits, teacher_logits, target):
+        return KF.reweighted_ce_loss(student_logits, teacher_logits, target, **self.options)
+
+
+class NDLoss(nn.Module):
+    """ND loss against fixed teacher class centres.
+
+    ``NDLoss(centers)`` takes the raw C×d teacher class-mean table (see :class:`ClassCenters` or
+    :meth:`from_teacher`). When the student's feature dimension differs, pass ``student_dim``: a
+    trainable projection BatchNorm1d → Dropout(0.5) → Linear(student_dim → d) is created, as in
+    the ND paper's code; its parameters belong to this module, so give them to the optimiser.
+    ``forward(student_features, teacher_features, target)``.
+    """
+
+    def __init__(self, centers: torch.Tensor, *, student_dim: Optional[int] = None, reduction: str = "mean",
+                 ignore_index: Optional[int] = -100, eps: float = 1e-8, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(centers, torch.Tensor) or centers.dim() != 2:
+            raise ValueError("centers must be a 2-D tensor [num_classes, teacher_dim]")
+        self.register_buffer("centers", centers.detach().clone())
+        teacher_dim = centers.shape[1]
+        self.projector = None
+        if student_dim is not None and student_dim != teacher_dim:
+            self.projector = nn.Sequential(nn.BatchNorm1d(student_dim), nn.Dropout(0.5),
+                                           nn.Linear(student_dim, teacher_dim))
+        self.options = dict(reduction=reduction, ignore_index=ignore_index, eps=eps, backend=backend)
+
+    @classmethod
+    @torch.no_grad()
+    def from_teacher(cls, teacher: nn.Module, loader: Iterable, num_classes: int, *,
+                     feature_fn: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+                     device: Optional[torch.device] = None, progress: bool = True, **options) -> "NDLoss":
+        """Compute the centres as the teacher's mean feature per class over ``loader`` (batches of
+        ``(inputs, target)``), in eval mode, then build the loss. ``feature_fn(teacher, inputs)``
+        returns the penultimate features (default: ``teacher(inputs)``). All-reduced under DDP."""
+        from tqdm.auto import tqdm
+
+        extract = feature_fn or (lambda model, inputs: model(inputs))
+        was_training = teacher.training
+        teacher.eval()
+        accumulator = None
+        try:
+            for inputs, target in tqdm(loader, desc="teacher class centres", disable=not progress):
+                if device is not None:
+                    inputs, target = inputs.to(device), target.to(device)
+                features = extract(teacher, inputs)
+                if accumulator is None:
+                    accumulator = ClassCenters(num_classes, features.shape[1], device=features.device,
+                                               ignore_index=options.get("ignore_index", -100))
+                accumulator.update(features, target)
+        finally:
+            teacher.train(was_training)
+        if accumulator is None:
+            raise ValueError("loader yielded no batch, so no class centre can be computed")
+        return cls(accumulator.compute(), **options)
+
+    def forward(self, student_features, teacher_features, target):
+        if self.projector is not None:
+            student_features = self.projector(student_features)
+        centers = self.centers.to(student_features.dtype)
+        return KF.nd_loss(student_features, teacher_features, target, centers, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.centers.shape[0]}, dim={self.centers.shape[1]}, " + \
+            ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+class NystromLoss(nn.Module):
+    """KDA / Nyström kernel transfer with per-epoch class-mean landmarks (spec §3a).
+
+    During an epoch, ``forward(student_features, teacher_features, target)`` returns the loss
+    against the landmarks of the previous epoch and, in training mode, adds the (detached)
+    features of both networks to this epoch's class-mean accumulators. Call ``end_epoch()`` after
+    each epoch to turn the accumulated means into the next landmarks (all-reduced under DDP;
+    classes with no sample get a zero landmark). Before the first ``end_epoch()`` the landmarks
+    are zero and so is the loss, which matches the released code's warm-up.
+    """
+
+    def __init__(self, num_classes: int, student_dim: int, teacher_dim: int, *, kind: str = "smooth_l1",
+                 normalize: bool = True, reduction: str = "sum", beta: float = 1.0, eps: float = 1e-12,
+                 ignore_index: Optional[int] = -100, backend: str = "auto", process_group=None):
+        super().__init__()
+        self.student_centers = ClassCenters(num_classes, student_dim, ignore_index=ignore_index,
+                                            process_group=process_group)
+        self.teacher_centers = ClassCenters(num_classes, teacher_dim, ignore_index=ignore_index,
+                                            process_group=process_group)
+        self.register_buffer("student_landmarks", torch.zeros(num_classes, student_dim))
+        self.register_buffer("teacher_landmarks", torch.zeros(num_classes, teacher_dim))
+        self.options = dict(kind=kind, normalize=normalize, reduction=reduction, beta=beta, eps=eps, backend=backend)
+
+    def forward(self, student_features, teacher_features, target):
+        if self.training:
+            self.student_centers.update(student_features, target)
+            self.teacher_centers.update(teacher_features, target)
+        dtype = student_features.dtype
+        return KF.nystrom_loss(student_features, teacher_features, self.student_landmarks.to(dtype),
+                               self.teacher_landmarks.to(dtype), **self.options)
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        self.student_landmarks.copy_(self.student_centers.compute(empty="zero"))
+        self.teacher_landmarks.copy_(self.teacher_centers.compute(empty="zero"))
+        self.student_centers.reset()
+        self.teacher_centers.reset()
+
+
+class L2RKDLoss(_HyperParameters):
+    """L2RKD: KD on clean inputs and on points of locally linear regions between inputs.
+
+    >>> criterion = L2RKDLoss(temperature=4.0)
+    >>> mixed, _, _ = criterion.mix(images)               # x̃ = λx + (1 − λ)x_π
+    >>> loss = criterion(student(images), teacher(images), student(mixed), teacher(mixed), labels)
+
+    ``mix`` draws λ ~ Beta(mix_alpha, mix_alpha) (or U[lam_min, 1]) with this module's
+    ``generator``; see :func:`kdfast.l2rkd_mix` and :func:`kdfast.functional.l2rkd_loss`.
+    """
+
+    def __init__(self, temperature: float = 4.0, kd_weight: float = 1.0, region_weight: float = 1.0,
+                 ce_weight: float = 1.0, mix_alpha: float = 1.0, lam_min: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: Optional[int] = -100, backend: str = "auto",
+                 generator: Optional[torch.Generator] = None):
+        super().__init__(temperature=temperature, kd_weight=kd_weight, region_weight=region_weight,
+                         ce_weight=ce_weight, reduction=reduction, ignore_index=ignore_index, backend=backend)
+        self.mix_options = dict(alpha=mix_alpha, lam_min=lam_min)
+        self.generator = generator
+
+    def mix(self, inputs: torch.Tensor):
+        return l2rkd_mix(inputs, generator=self.generator, **self.mix_options)
+
+    def forward(self, student_logits, teacher_logits, mixed_student_logits, mixed_teacher_logits, target=None):
+        return KF.l2rkd_loss(student_logits, teacher_logits, mixed_student_logits, mixed_teacher_logits, target,
+                             **self.options)

@@ -1,0 +1,20 @@
+"""The specification in plain PyTorch: one file per kernel family.
+
+These functions take checked 2-D tensors; the public, checked entry points are in
+:mod:`kdfast.functional`. Tests and benchmarks use exactly these functions as the baseline.
+"""
+from .feature_centre import nd_loss, unit_centers
+from .landmark_gram import nystrom_loss, nystrom_reconstruction
+from .rowsoftmax import (kd_loss, label_smoothing_loss, normalize_logits, partial_teacher_log_target,
+                         partial_teacher_loss, reweighted_ce_loss, skd_loss)
+
+#: The implementations the dispatcher knows as ``backend="reference"``.
+LOSSES = {
+    "kd_loss": kd_loss,
+    "skd_loss": skd_loss,
+    "partial_teacher_loss": partial_teacher_loss,
+    "label_smoothing_loss": label_smoothing_loss,
+    "reweighted_ce_loss": reweighted_ce_loss,
+    "nd_loss": nd_loss,
+    "nystrom_loss": nystrom_loss,
+}

@@ -1,0 +1,132 @@
+"""Reference of the row-softmax family (spec §0, §1, §4): KD, SKD, KD-pt, label smoothing,
+instance re-weighted CE. Plain PyTorch, readable, float64-gradcheckable.
+
+Inputs are 2-D [rows, classes] and already checked by :mod:`kdfast.functional`. Teacher logits
+are constants: they are detached here, so no gradient ever reaches them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._common import compute_dtype, cross_entropy_rows, reduce_rows, soft_kl, valid_rows
+
+
+def normalize_logits(logits: torch.Tensor, how: str, multiplier: float, eps: float) -> torch.Tensor:
+    """SKD's projection of a logit row onto a sphere (spec §1a, §1f).
+
+    - ``layernorm``: κ·(z − μ)/sqrt(var + eps), biased variance (the official SKD code).
+    - ``l2``: κ·z/max(‖z‖, eps), no centring.
+    - ``standardize``: κ·(z − μ)/(std + eps), unbiased std (logit standardisation); a row of
+      one class has std 0.
+    """
+    if how == "layernorm":
+        mean = logits.mean(dim=-1, keepdim=True)
+        var = (logits - mean).pow(2).mean(dim=-1, keepdim=True)
+        return multiplier * (logits - mean) / torch.sqrt(var + eps)
+    if how == "l2":
+        return multiplier * logits / logits.norm(dim=-1, keepdim=True).clamp_min(eps)
+    if how == "standardize":
+        num_classes = logits.shape[-1]
+        mean = logits.mean(dim=-1, keepdim=True)
+        var = (logits - mean).pow(2).sum(dim=-1, keepdim=True) / max(num_classes - 1, 1)
+        # sqrt has an infinite slope at 0; a constant row has zero gradient there anyway.
+        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+        return multiplier * (logits - mean) / (std + eps)
+    raise ValueError(f"normalize must be 'layernorm', 'l2' or 'standardize'; got {how!r}")
+
+
+def _distill(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor], *,
+             temperature: float, alpha: float, reduction: str, ignore_index: Optional[int]) -> torch.Tensor:
+    """α·T²·KL(σ_T(teacher) ‖ σ_T(student)) + (1 − α)·CE(student, y), per row, then reduced."""
+    valid, safe_target = valid_rows(target, ignore_index, student.shape[0], student.device)
+    log_p = F.log_softmax(student / temperature, dim=-1)
+    log_q = F.log_softmax(teacher / temperature, dim=-1)
+    per_row = alpha * temperature**2 * soft_kl(log_q, log_p)
+    if alpha < 1:
+        per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(student, dim=-1), safe_target)
+    return reduce_rows(per_row, valid, reduction, mean_divisor=student.shape[-1])
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            target: Optional[torch.Tensor] = None, *, temperature: float = 4.0, alpha: float = 1.0,
+            reduction: str = "batchmean", ignore_index: Optional[int] = -100) -> torch.Tensor:
+    """Hinton KD (spec §0): α·T²·KL(σ_T(z^t) ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y)."""
+    dtype = compute_dtype(student_logits.dtype)
+    return _distill(student_logits.to(dtype), teacher_logits.detach().to(dtype), target,
+                    temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
+
+
+def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+             target: Optional[torch.Tensor] = None, *, temperature: float = 4.0, multiplier: float = 2.0,
+             alpha: float = 1.0, eps: float = 1e-7, normalize: str = "layernorm",
+             reduction: str = "batchmean", ignore_index: Optional[int] = -100) -> torch.Tensor:
+    """Spherical KD (spec §1a): KD between the normalised logits h = κ·normalize(z) of both
+    networks, with the CE term on the normalised student logits at T = 1."""
+    dtype = compute_dtype(student_logits.dtype)
+    student = normalize_logits(student_logits.to(dtype), normalize, multiplier, eps)
+    teacher = normalize_logits(teacher_logits.detach().to(dtype), normalize, multiplier, eps)
+    return _distill(student, teacher, target, temperature=temperature, alpha=alpha,
+                    reduction=reduction, ignore_index=ignore_index)
+
+
+def partial_teacher_log_target(teacher_logits: torch.Tensor, target: torch.Tensor,
+                               temperature: float) -> torch.Tensor:
+    """log q^pt (spec §4a, §4c): the teacher's true-class probability ρ kept, 1 − ρ spread evenly
+    over the other C − 1 classes. log(1 − ρ) comes from a log-sum-exp over the other classes, never
+    from log(1 − exp(log ρ)), so it stays accurate as ρ → 1."""
+    scaled = teacher_logits / temperature
+    num_classes = scaled.shape[-1]
+    is_true = F.one_hot(target, num_classes).bool()
+    log_total = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    log_rho = scaled.gather(-1, target.unsqueeze(-1)) - log_total
+    log_rest = torch.logsumexp(scaled.masked_fill(is_true, -math.inf), dim=-1, keepdim=True) - log_total
+    log_other = log_rest - math.log(max(num_classes - 1, 1))
+    return torch.where(is_true, log_rho, log_other)
+
+
+def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+                         temperature: float = 1.0, alpha: float = 0.5, reduction: str = "batchmean",
+                         ignore_index: Optional[int] = -100) -> torch.Tensor:
+    """KD-pt of Tang et al. (spec §4a): α·T²·KL(q^pt ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y)."""
+    dtype = compute_dtype(student_logits.dtype)
+    student = student_logits.to(dtype)
+    valid, safe_target = valid_rows(target, ignore_index, student.shape[0], student.device)
+    log_q = partial_teacher_log_target(teacher_logits.detach().to(dtype), safe_target, temperature)
+    log_p = F.log_softmax(student / temperature, dim=-1)
+    per_row = alpha * temperature**2 * soft_kl(log_q, log_p)
+    if alpha < 1:
+        per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(student, dim=-1), safe_target)
+    return reduce_rows(per_row, valid, reduction, mean_divisor=student.shape[-1])
+
+
+def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0.1,
+                         reduction: str = "mean", ignore_index: Optional[int] = -100) -> torch.Tensor:
+    """CE against t = (1 − ε)·e_y + (ε/C)·1 (spec §4a), as torch's cross_entropy(label_smoothing=ε)."""
+    student = student_logits.to(compute_dtype(student_logits.dtype))
+    valid, safe_target = valid_rows(target, ignore_index, student.shape[0], student.device)
+    log_p = F.log_softmax(student, dim=-1)
+    per_row = (1 - smoothing) * cross_entropy_rows(log_p, safe_target) - smoothing * log_p.mean(dim=-1)
+    return reduce_rows(per_row, valid, reduction, mean_divisor=1)
+
+
+def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+                       alpha: float = 0.5, temperature: float = 1.0, eps: float = 1e-6,
+                       reduction: str = "mean", ignore_index: Optional[int] = -100) -> torch.Tensor:
+    """Instance re-weighted CE (spec §4a): w_i·CE_i with the detached weight
+    w_i = 1 − α·(1 − ρ_i)/max(1 − p_{y,i}, eps), ρ_i = σ_T(z^t_i)[y_i], p = σ(z^s_i).
+    w is KD's true-logit gradient relative to CE's; it can be negative."""
+    dtype = compute_dtype(student_logits.dtype)
+    student = student_logits.to(dtype)
+    valid, safe_target = valid_rows(target, ignore_index, student.shape[0], student.device)
+    log_p = F.log_softmax(student, dim=-1)
+    ce = cross_entropy_rows(log_p, safe_target)
+    with torch.no_grad():
+        rho = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+        rho = rho.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+        p_true = (-ce).exp()
+        weight = 1 - alpha * (1 - rho) / (1 - p_true).clamp_min(eps)
+    return reduce_rows(weight * ce, valid, reduction, mean_divisor=1)
