@@ -1,0 +1,161 @@
+"""What every fused backend (cpu, triton, cuda) shares: the kernel contracts of the three families,
+the translation of public loss options into kernel parameters, and the autograd around a kernel
+that returns its gradient together with the loss.
+
+A backend supplies three kernels and gets the seven public losses from :func:`build_losses`:
+
+``row_softmax(student [N,C], teacher [N,C] | None, target [N] int64 | None, p: RowSoftmaxParams)``
+    → ``(loss_rows [N] fp32, grad [N,C] in student's dtype)``. Per row, with h = κ·normalize(z)
+    (identity when ``p.normalize == "none"``) and p_T = softmax(h^s/T), p = softmax(h^s)::
+
+        ℓ = kl_weight·KL(q ‖ p_T) + ce_weight·w·(−log p_y) + uniform_weight·(−mean_c log p_c)
+        ∂ℓ/∂h^s = kl_weight/T·(p_T − q) + ce_weight·w·(p − e_y) + uniform_weight·(p − 1/C)
+
+    then the normalisation's backward. q is softmax(normalize(z^t)/T) (``teacher="softmax"``) or the
+    partial teacher of spec §4a built from the raw z^t at T (``teacher="partial"``); w = 1, or with
+    ``reweight`` the detached w = 1 − reweight_alpha·(1 − ρ)/max(1 − p_y, reweight_eps), ρ =
+    softmax(z^t/T)[y]. Rows whose label equals ``p.ignore_index`` get ℓ = 0 and a zero gradient.
+
+``feature_centre(u [B,d], teacher_features [B,d], target [B] int64 (ignored rows replaced by 0),
+centers [C,d] raw, eps)`` → ``(loss_rows [B] fp32, grad [B,d])``: ND's 1 − ⟨u, ê_y⟩/max(‖u‖, ‖f^t‖, eps).
+
+``landmark_gram(Fs [B,ds], Ft [B,dt], Cs [m,ds], Ct [m,dt], kind, beta)`` with kind in
+``"smooth_l1"``, ``"sq_fro"`` → ``(loss_rows [B] fp32, grad [B,ds], teacher_gram_norm [] fp32)``:
+the per-row sums of huber_β(R) or R², R = Fs·Csᵀ − Ft·Ctᵀ, unnormalised; "fro" and the division by
+‖S^t‖_F are done here from these.
+
+Reductions, the ignore mask and the dtype of the result follow the reference exactly (the same
+helper is used), so a backend only has to get the per-row numbers right.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..reference._common import compute_dtype, reduce_rows, valid_rows
+
+
+@dataclass(frozen=True)
+class RowSoftmaxParams:
+    normalize: str = "none"          # "none" | "layernorm" | "l2" | "standardize"
+    multiplier: float = 1.0
+    eps: float = 1e-7
+    temperature: float = 1.0
+    teacher: str = "none"            # "none" | "softmax" | "partial"
+    kl_weight: float = 0.0
+    ce_weight: float = 0.0
+    uniform_weight: float = 0.0
+    reweight: bool = False
+    reweight_alpha: float = 0.0
+    reweight_eps: float = 1e-6
+    ignore_index: int = -100
+
+    @property
+    def needs_target(self) -> bool:
+        return self.ce_weight != 0 or self.uniform_weight != 0 or self.teacher == "partial" or self.reweight
+
+
+def row_softmax_params(loss: str, **options) -> tuple[RowSoftmaxParams, str, int]:
+    """(kernel parameters, reduction, divisor of "mean") for a public row-softmax loss."""
+    ignore = options.get("ignore_index")
+    ignore = -100 if ignore is None else ignore  # None: no row is ignored; labels are >= 0 anyway
+    reduction = options["reduction"]
+    if loss in ("kd_loss", "skd_loss", "partial_teacher_loss"):
+        temperature, alpha = options["temperature"], options["alpha"]
+        common = dict(temperature=temperature, kl_weight=alpha * temperature**2, ce_weight=1 - alpha,
+                      ignore_index=ignore)
+        if loss == "kd_loss":
+            params = RowSoftmaxParams(teacher="softmax", **common)
+        elif loss == "skd_loss":
+            params = RowSoftmaxParams(teacher="softmax", normalize=options["normalize"],
+                                      multiplier=options["multiplier"], eps=options["eps"], **common)
+        else:
+            params = RowSoftmaxParams(teacher="partial", **common)
+        return params, reduction, "kl"
+    if loss == "label_smoothing_loss":
+        smoothing = options["smoothing"]
+        return RowSoftmaxParams(ce_weight=1 - smoothing, uniform_weight=smoothing, ignore_index=ignore), \
+            reduction, "ce"
+    if loss == "reweighted_ce_loss":
+        return RowSoftmaxParams(temperature=options["temperature"], ce_weight=1.0, reweight=True,
+                                reweight_alpha=options["alpha"], reweight_eps=options["eps"],
+                                ignore_index=ignore), reduction, "ce"
+    raise KeyError(loss)
+
+
+class KernelLoss(torch.autograd.Function):
+    """Autograd around a kernel returning (loss_rows, grad, *extras): backward only rescales the
+    saved gradient by the incoming per-row gradient (the reduction's chain rule)."""
+
+    @staticmethod
+    def forward(ctx, student, kernel, *arguments):
+        loss_rows, grad, *extras = kernel(student, *arguments)
+        ctx.save_for_backward(grad)
+        ctx.num_arguments = len(arguments)
+        ctx.mark_non_differentiable(*extras)
+        return (loss_rows, *extras)
+
+    @staticmethod
+    def backward(ctx, grad_rows, *unused):
+        (grad,) = ctx.saved_tensors
+        scale = grad_rows.to(grad.dtype).unsqueeze(-1)
+        return (grad * scale, None) + (None,) * ctx.num_arguments
+
+
+def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram: Callable) -> dict:
+    """The public losses (reference signatures) on top of a backend's three kernels."""
+
+    def row_loss(name, student_logits, teacher_logits, target, options):
+        params, reduction, mean_kind = row_softmax_params(name, **options)
+        teacher = None if teacher_logits is None else teacher_logits.detach()
+        target = None if target is None else target.long()
+        loss_rows, = KernelLoss.apply(student_logits, row_softmax, teacher, target, params)
+        valid, _ = valid_rows(target, options.get("ignore_index"), student_logits.shape[0], student_logits.device)
+        divisor = student_logits.shape[-1] if mean_kind == "kl" else 1
+        return reduce_rows(loss_rows.to(compute_dtype(student_logits.dtype)), valid, reduction, divisor)
+
+    def kd_loss(student_logits, teacher_logits, target=None, **options):
+        return row_loss("kd_loss", student_logits, teacher_logits, target, options)
+
+    def skd_loss(student_logits, teacher_logits, target=None, **options):
+        return row_loss("skd_loss", student_logits, teacher_logits, target, options)
+
+    def partial_teacher_loss(student_logits, teacher_logits, target, **options):
+        return row_loss("partial_teacher_loss", student_logits, teacher_logits, target, options)
+
+    def label_smoothing_loss(student_logits, target, **options):
+        return row_loss("label_smoothing_loss", student_logits, None, target, options)
+
+    def reweighted_ce_loss(student_logits, teacher_logits, target, **options):
+        return row_loss("reweighted_ce_loss", student_logits, teacher_logits, target, options)
+
+    def nd_loss(student_features, teacher_features, target, centers, *, reduction="mean", ignore_index=-100,
+                eps=1e-8):
+        valid, safe_target = valid_rows(target, ignore_index, student_features.shape[0], student_features.device)
+        loss_rows, = KernelLoss.apply(student_features, feature_centre, teacher_features.detach(), safe_target,
+                                      centers.detach(), eps)
+        return reduce_rows(loss_rows.to(compute_dtype(student_features.dtype)), valid, reduction)
+
+    def nystrom_loss(student_features, teacher_features, student_landmarks, teacher_landmarks, *,
+                     kind="smooth_l1", normalize=True, reduction="sum", beta=1.0, eps=1e-12):
+        dtype = compute_dtype(student_features.dtype)
+        row_kind = "sq_fro" if kind == "fro" else kind
+        loss_rows, teacher_norm = KernelLoss.apply(student_features, landmark_gram, teacher_features.detach(),
+                                                   student_landmarks.detach(), teacher_landmarks.detach(),
+                                                   row_kind, beta)
+        loss_rows = loss_rows.to(dtype)
+        scale = 1 / (teacher_norm.to(dtype) + eps) if normalize else 1.0
+        if kind == "fro":
+            return loss_rows.sum().clamp_min(torch.finfo(dtype).tiny).sqrt() * scale
+        loss_rows = loss_rows * scale
+        if reduction == "none":
+            return loss_rows
+        if reduction == "sum":
+            return loss_rows.sum()
+        return loss_rows.sum() / max(student_features.shape[0] * student_landmarks.shape[0], 1)
+
+    return dict(kd_loss=kd_loss, skd_loss=skd_loss, partial_teacher_loss=partial_teacher_loss,
+                label_smoothing_loss=label_smoothing_loss, reweighted_ce_loss=reweighted_ce_loss,
+                nd_loss=nd_loss, nystrom_loss=nystrom_loss)
