@@ -20,11 +20,14 @@ __all__ = [
 ]
 
 
-def _rows(name: str, logits: torch.Tensor) -> torch.Tensor:
-    """[..., C] → [N, C], the layout every backend takes."""
+def _check_logits(name: str, logits) -> None:
     _checks.tensor(name, logits, min_ndim=1)
     if logits.shape[-1] == 0:
         raise ValueError(f"{name} must have at least one class (last dimension), got shape {tuple(logits.shape)}")
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """[..., C] → [N, C], the layout every backend takes."""
     return logits.reshape(-1, logits.shape[-1])
 
 
@@ -33,7 +36,7 @@ def _unflatten(loss: torch.Tensor, reduction: str, leading_shape: torch.Size) ->
 
 
 def _check_logit_pair(student_logits, teacher_logits) -> None:
-    _checks.tensor("student_logits", student_logits, min_ndim=1)
+    _check_logits("student_logits", student_logits)
     _checks.tensor("teacher_logits", teacher_logits, min_ndim=1)
     _checks.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
     _checks.same_dtype_device("teacher_logits", teacher_logits, "student_logits", student_logits)
@@ -71,7 +74,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     _check_distill_options(temperature, alpha, reduction, target)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     op = resolve(backend, "kd_loss", student_logits.device)
-    loss = op(_rows("student_logits", student_logits), _rows("teacher_logits", teacher_logits), flat_target,
+    loss = op(_rows(student_logits), _rows(teacher_logits), flat_target,
               temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
     return _unflatten(loss, reduction, student_logits.shape[:-1])
 
@@ -92,7 +95,7 @@ def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     op = resolve(backend, "skd_loss", student_logits.device)
-    loss = op(_rows("student_logits", student_logits), _rows("teacher_logits", teacher_logits), flat_target,
+    loss = op(_rows(student_logits), _rows(teacher_logits), flat_target,
               temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
               reduction=reduction, ignore_index=ignore_index)
     return _unflatten(loss, reduction, student_logits.shape[:-1])
@@ -107,7 +110,7 @@ def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     _check_distill_options(temperature, alpha, reduction, target)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     op = resolve(backend, "partial_teacher_loss", student_logits.device)
-    loss = op(_rows("student_logits", student_logits), _rows("teacher_logits", teacher_logits), flat_target,
+    loss = op(_rows(student_logits), _rows(teacher_logits), flat_target,
               temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
     return _unflatten(loss, reduction, student_logits.shape[:-1])
 
@@ -117,12 +120,12 @@ def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, 
                          backend: str = "auto") -> torch.Tensor:
     """CE against (1 − ε)·e_y + ε/C (equals torch's cross_entropy with label_smoothing=ε).
     ``mean`` and ``batchmean`` both average over the counted rows, as torch's CE does."""
-    _checks.tensor("student_logits", student_logits, min_ndim=1)
+    _check_logits("student_logits", student_logits)
     _checks.in_unit_interval("smoothing", smoothing)
     _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     op = resolve(backend, "label_smoothing_loss", student_logits.device)
-    loss = op(_rows("student_logits", student_logits), flat_target, smoothing=smoothing, reduction=reduction,
+    loss = op(_rows(student_logits), flat_target, smoothing=smoothing, reduction=reduction,
               ignore_index=ignore_index)
     return _unflatten(loss, reduction, student_logits.shape[:-1])
 
@@ -139,7 +142,7 @@ def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     op = resolve(backend, "reweighted_ce_loss", student_logits.device)
-    loss = op(_rows("student_logits", student_logits), _rows("teacher_logits", teacher_logits), flat_target,
+    loss = op(_rows(student_logits), _rows(teacher_logits), flat_target,
               alpha=alpha, temperature=temperature, eps=eps, reduction=reduction, ignore_index=ignore_index)
     return _unflatten(loss, reduction, student_logits.shape[:-1])
 
