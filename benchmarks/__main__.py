@@ -14,7 +14,7 @@ import torch
 
 from . import report
 from .roofline import MODES
-from .suite import FAMILIES, Config, device_tag, run, run_scaling
+from .suite import FAMILIES, Config, device_tag, plan, run, run_scaling, too_big
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -43,6 +43,9 @@ def parse(argv):
     parser.add_argument("--threads", type=int, help="torch threads for every shape (default: 1 for small shapes, all for large)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plan", action="store_true",
+                        help="list the cases (and those skipped as too big for memory) without running them")
+    parser.add_argument("--comment", help="a line added to the markdown file (e.g. 'provisional: busy machine')")
     parser.add_argument("--out-dir", default=RESULTS)
     parser.add_argument("--prefix", help="file-name prefix (default: kdfast, kdfast-quick, kdfast-scaling)")
     parser.set_defaults(sweep="default")
@@ -57,6 +60,15 @@ def main(argv=None) -> dict:
                     compile=args.compile or ("none" if args.scaling else compile_default),
                     min_run_time=args.min_run_time if args.min_run_time is not None else run_time_default,
                     threads=args.threads, memory=not args.no_memory)
+    if args.plan:
+        notes: list = []
+        for case in plan(config, notes):
+            skip = too_big(case, config, {})
+            print(f"{case.kernel.name:22s} {case.provider.name:14s} {case.family.describe(case.shape):24s} "
+                  f"threads={case.threads}" + (f"  SKIP: {skip}" if skip else ""))
+        for note in notes:
+            print(f"note: {note}")
+        return {}
     started = time.perf_counter()
     result = run_scaling(config) if args.scaling else run(config)
     prefix = args.prefix or "kdfast" + ("-scaling" if args.scaling else "") + \
@@ -66,11 +78,11 @@ def main(argv=None) -> dict:
     title = f"kdfast benchmarks ({'scaling, ' if args.scaling else ''}{args.sweep} sweep)"
     report.write_csv(result.rows, csv_path)
     if args.scaling:
-        report.write_scaling_markdown(result, md_path, title)
+        report.write_scaling_markdown(result, md_path, title, args.comment)
         header, lines = report.scaling_lines(result)
         pngs = [] if args.no_plots else [report.plot_scaling(result, png_for("scaling"))]
     else:
-        report.write_markdown(result, md_path, title)
+        report.write_markdown(result, md_path, title, args.comment)
         header, lines = report.summary_table(result)
         pngs = [] if args.no_plots else report.plot_families(result, png_for)
     print()

@@ -80,19 +80,19 @@ def markdown_table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _preamble(result: Result, title: str) -> list[str]:
+def _preamble(result: Result, title: str, comment: str | None = None) -> list[str]:
     meta = result.meta
     copy = ", ".join(f"{rate:.2f} GB/s with {threads} thread{'s' * (threads > 1)}"
                      for threads, rate in result.bandwidth.items())
     return [f"# {title}", "",
             f"Device: {meta['device']} · dtype {meta['dtype']} · torch {meta['torch_version']} · "
             f"kdfast {meta['kdfast_version']} · {meta['date']} · run took {result.seconds:.0f} s", "",
-            f"Copy bandwidth: {copy}.", "", METHOD, ""]
+            f"Copy bandwidth: {copy}.", "", METHOD, ""] + ([f"**{comment}**", ""] if comment else [])
 
 
-def write_markdown(result: Result, path: str, title: str) -> None:
+def write_markdown(result: Result, path: str, title: str, comment: str | None = None) -> None:
     header, lines = summary_table(result)
-    text = _preamble(result, title)
+    text = _preamble(result, title, comment)
     for family in FAMILIES:
         chosen = [line[1:] for line in lines if line[0] == family]
         if chosen:
@@ -172,9 +172,9 @@ def scaling_lines(result: Result) -> tuple[list[str], list[list[str]]]:
     return header, lines
 
 
-def write_scaling_markdown(result: Result, path: str, title: str) -> None:
+def write_scaling_markdown(result: Result, path: str, title: str, comment: str | None = None) -> None:
     header, lines = scaling_lines(result)
-    text = _preamble(result, title) + [
+    text = _preamble(result, title, comment) + [
         "Full forward+backward at a fixed thread count. Linear growth keeps ns/logit flat and the slope "
         "near 1; a step in ns/logit marks a change of path (cache or block limits, a backend switching "
         "kernels).", "", markdown_table(header, lines), ""]

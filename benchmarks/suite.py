@@ -120,6 +120,20 @@ def _row(meta: dict, case: Case, mode: str, metric: str, unit: str, values, note
                 **meta)
 
 
+def too_big(case: Case, config: Config, learned: dict) -> str:
+    """Why the case would not fit in the device's free memory, or "". The estimate is a multiple
+    of the family's main tensor bytes: the ratio measured for this kernel and provider at a smaller
+    shape (plus 10%) once there is one, a conservative static factor before that."""
+    itemsize = torch.empty((), dtype=config.dtype).element_size()
+    factor = learned.get((case.kernel.name, case.provider.name),
+                         case.family.factor(case.provider.kind, case.kernel.name))
+    need = factor * case.family.unit_bytes(case.shape, itemsize)
+    free = available_bytes(config.device)
+    if need > MEMORY_HEADROOM * free:
+        return f"needs ≈{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+    return ""
+
+
 def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: dict, notes: list[str],
              modes: tuple[str, ...], memory: bool) -> list[dict]:
     """Every mode of one case; [] with a note when it is estimated not to fit or it fails."""
@@ -127,11 +141,10 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
     itemsize = torch.empty((), dtype=config.dtype).element_size()
     unit = family.unit_bytes(shape, itemsize)
     key = (kernel.name, provider.name)
-    need = learned.get(key, family.factor(provider.kind, kernel.name)) * unit
-    free = available_bytes(config.device)
     label = f"{kernel.name} {provider.name} {family.describe(shape)}"
-    if need > MEMORY_HEADROOM * free:
-        notes.append(f"{label}: skipped, needs ≈{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+    reason = too_big(case, config, learned)
+    if reason:
+        notes.append(f"{label}: skipped, {reason}")
         return []
     rows = []
     try:
@@ -218,7 +231,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 def measure_bandwidth(config: Config, thread_counts) -> dict:
     size = COPY_BYTES[config.sweep]
-    return {threads: copy_bandwidth(config.device, size, threads, max(config.min_run_time, 0.3))
+    run_time = config.min_run_time if config.sweep == "tiny" else max(config.min_run_time, 0.3)
+    return {threads: copy_bandwidth(config.device, size, threads, run_time)
             for threads in sorted(set(thread_counts))}
 
 
