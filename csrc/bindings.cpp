@@ -1,0 +1,40 @@
+// The kdfast operator library: schemas of the three kernel families and their CPU implementations
+// (the CUDA implementations register themselves from csrc/cuda/glue.cpp when that is built).
+// Called from Python as torch.ops.kdfast.<name>; kdfast/backends/_fused.py describes the contract
+// and kdfast/backends/cpu.py registers the fake (meta) implementations used by torch.compile.
+//
+// ATen/ATen.h + torch/library.h rather than torch/extension.h: no pybind11, a much faster compile.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+
+TORCH_LIBRARY(kdfast, m) {
+  // normalize: 0 none, 1 layernorm, 2 l2, 3 standardize; teacher_mode: 0 none, 1 softmax, 2 partial
+  m.def(
+      "row_softmax(Tensor student, Tensor? teacher, Tensor? target, int normalize, float multiplier, float eps, "
+      "float temperature, int teacher_mode, float kl_weight, float ce_weight, float uniform_weight, bool reweight, "
+      "float reweight_alpha, float reweight_eps, int ignore_index) -> (Tensor, Tensor)");
+  m.def("feature_centre(Tensor student, Tensor teacher, Tensor target, Tensor centres, float eps) -> (Tensor, Tensor)");
+  // kind: 0 smooth_l1, 1 sq_fro
+  m.def(
+      "landmark_gram(Tensor student_features, Tensor teacher_features, Tensor student_landmarks, "
+      "Tensor teacher_landmarks, int kind, float beta) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_capability() -> str", &kdfast::cpu::capability);
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("row_softmax", &kdfast::cpu::row_softmax);
+  m.impl("feature_centre", &kdfast::cpu::feature_centre);
+  m.impl("landmark_gram", &kdfast::cpu::landmark_gram);
+}
+
+// An importable (empty) Python module, so `import kdfast._C` loads the library and runs the
+// registrations above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "kdfast's compiled kernels (torch.ops.kdfast)", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}

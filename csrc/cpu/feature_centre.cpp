@@ -1,0 +1,108 @@
+// The feature–centre family on CPU: the ND loss (spec §2a–2c, §6 kernel B).
+//
+// Per row: gather the raw centre c = centres[y]; one pass accumulates ⟨u, c⟩, ‖c‖², ‖u‖², ‖f^t‖²;
+// with ê = c/max(‖c‖, eps) and M = max(‖u‖, ‖f^t‖) clamped at eps (tie → ‖u‖, the cosine branch):
+//   ℓ = 1 − ⟨u, ê⟩/M
+//   ∂ℓ/∂u = −ê/M + [M is ‖u‖ and not clamped] · ⟨u, ê⟩/(M²‖u‖) · u
+// and a second pass writes that gradient. Compiled once per instruction set (see setup.py).
+#include "kernels.h"
+#include "vec_helpers.h"
+
+namespace kdfast::cpu::CPU_CAPABILITY {
+namespace {
+
+template <typename acc_t>
+struct Dots {
+  acc_t uc = 0, cc = 0, uu = 0, tt = 0;
+};
+
+template <typename acc_t>
+Dots<acc_t> four_dots(const acc_t* u, const acc_t* c, const acc_t* t, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec vuc(0), vcc(0), vuu(0), vtt(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec vu = Vec::loadu(u + i), vc = Vec::loadu(c + i), vt = Vec::loadu(t + i);
+    vuc = at::vec::fmadd(vu, vc, vuc);
+    vcc = at::vec::fmadd(vc, vc, vcc);
+    vuu = at::vec::fmadd(vu, vu, vuu);
+    vtt = at::vec::fmadd(vt, vt, vtt);
+  }
+  Dots<acc_t> d{horizontal_sum(vuc), horizontal_sum(vcc), horizontal_sum(vuu), horizontal_sum(vtt)};
+  for (; i < n; ++i) {
+    d.uc += u[i] * c[i];
+    d.cc += c[i] * c[i];
+    d.uu += u[i] * u[i];
+    d.tt += t[i] * t[i];
+  }
+  return d;
+}
+
+// out = kc·c + ku·u
+template <typename acc_t>
+void combine(const acc_t* c, const acc_t* u, acc_t kc, acc_t ku, acc_t* out, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vkc(kc), vku(ku);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    (vkc * Vec::loadu(c + i) + vku * Vec::loadu(u + i)).store(out + i);
+  }
+  for (; i < n; ++i) out[i] = kc * c[i] + ku * u[i];
+}
+
+template <typename scalar_t>
+bool rows(const FeatureCentreArgs& a, int64_t begin, int64_t end, void* scratch_bytes) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t n = a.dim;
+  acc_t* scratch = static_cast<acc_t*>(scratch_bytes);
+  const auto* student = static_cast<const scalar_t*>(a.student);
+  const auto* teacher = static_cast<const scalar_t*>(a.teacher);
+  const auto* centres = static_cast<const scalar_t*>(a.centres);
+  auto* grad = static_cast<scalar_t*>(a.grad);
+  auto* loss = static_cast<acc_t*>(a.loss);
+  const acc_t eps = static_cast<acc_t>(a.eps);
+
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t y = a.target[r];  // validated by the glue against the number of centres
+    const acc_t* u = widen_row(student + r * n, n, scratch);
+    const acc_t* t = widen_row(teacher + r * n, n, scratch + n);
+    const acc_t* c = widen_row(centres + y * n, n, scratch + 2 * n);
+    const Dots<acc_t> d = four_dots(u, c, t, n);
+    const acc_t centre_norm = std::max(std::sqrt(d.cc), eps);
+    const acc_t u_norm = std::sqrt(d.uu), teacher_norm = std::sqrt(d.tt);
+    const bool student_branch = u_norm >= teacher_norm;
+    const acc_t raw_scale = student_branch ? u_norm : teacher_norm;
+    const acc_t scale = std::max(raw_scale, eps);
+    const acc_t cosine_part = d.uc / centre_norm;  // ⟨u, ê⟩
+    loss[r] = 1 - cosine_part / scale;
+
+    const acc_t kc = -1 / (centre_norm * scale);
+    // M depends on u only on the student branch, above the clamp, and away from u = 0
+    const bool through_norm = student_branch && raw_scale >= eps && u_norm > 0;
+    const acc_t ku = through_norm ? cosine_part / (scale * scale * u_norm) : acc_t(0);
+    scalar_t* grad_row = grad + r * n;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      combine(c, u, kc, ku, grad_row, n);
+    } else {
+      // the widened teacher row is no longer needed: reuse its buffer for the gradient
+      acc_t* g = scratch + n;
+      combine(c, u, kc, ku, g, n);
+      narrow_row(g, grad_row, n);
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+bool feature_centre_rows(const FeatureCentreArgs& args, int64_t begin, int64_t end, void* scratch) {
+  switch (args.type) {
+    case ElementType::kFloat32: return rows<float>(args, begin, end, scratch);
+    case ElementType::kFloat64: return rows<double>(args, begin, end, scratch);
+    case ElementType::kBFloat16: return rows<c10::BFloat16>(args, begin, end, scratch);
+    case ElementType::kFloat16: return rows<c10::Half>(args, begin, end, scratch);
+  }
+  return false;
+}
+
+}  // namespace kdfast::cpu::CPU_CAPABILITY

@@ -1,0 +1,196 @@
+// Tensor glue for the CPU row kernels: argument checks, layout, allocation, the choice of the
+// instruction-set build, and the split of rows over threads. Compiled once with default flags.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "kernels.h"
+#include "ops.h"
+
+namespace kdfast::cpu {
+namespace {
+
+//: elements per parallel task: below this a row range is not worth a thread hand-off
+constexpr int64_t kElementsPerTask = 1 << 15;
+
+using RowSoftmaxFn = bool (*)(const RowSoftmaxArgs&, int64_t, int64_t, void*);
+using FeatureCentreFn = bool (*)(const FeatureCentreArgs&, int64_t, int64_t, void*);
+
+struct KernelSet {
+  RowSoftmaxFn row_softmax;
+  FeatureCentreFn feature_centre;
+  const char* name;
+};
+
+// The best build this CPU can run; KDFAST_CPU_CAPABILITY=default|avx2|avx512 lowers it (never
+// raises it above what the CPU supports), for testing the other builds on one machine.
+KernelSet select_kernels() {
+  const KernelSet builds[] = {
+      {DEFAULT::row_softmax_rows, DEFAULT::feature_centre_rows, "default"},
+      {AVX2::row_softmax_rows, AVX2::feature_centre_rows, "avx2"},
+      {AVX512::row_softmax_rows, AVX512::feature_centre_rows, "avx512"},
+  };
+  __builtin_cpu_init();
+  int level = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+  if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    level = 2;
+  }
+  if (const char* requested = std::getenv("KDFAST_CPU_CAPABILITY")) {
+    for (int i = 0; i < 3; ++i) {
+      if (std::strcmp(requested, builds[i].name) == 0 && i < level) level = i;
+    }
+  }
+  return builds[level];
+}
+
+const KernelSet& kernels() {
+  static const KernelSet chosen = select_kernels();
+  return chosen;
+}
+
+ElementType element_type(const at::Tensor& tensor, const char* op) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat: return ElementType::kFloat32;
+    case at::kDouble: return ElementType::kFloat64;
+    case at::kBFloat16: return ElementType::kBFloat16;
+    case at::kHalf: return ElementType::kFloat16;
+    default: TORCH_CHECK(false, op, ": expected a float32, float64, bfloat16 or float16 tensor, got ", tensor.scalar_type());
+  }
+}
+
+at::ScalarType loss_type(const at::Tensor& tensor) {
+  return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor checked_target(const at::Tensor& target, int64_t rows, const char* op) {
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows, op,
+              ": target must be int64 of shape [", rows, "], got ", target.scalar_type(), " ", target.sizes());
+  return target.contiguous();
+}
+
+// Runs `body(begin, end, scratch)` over row ranges, each task with its own uninitialised scratch.
+template <typename Body>
+bool for_row_ranges(int64_t rows, int64_t row_elements, int64_t scratch_bytes, const Body& body) {
+  std::atomic<bool> ok{true};
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(row_elements, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<double[]> scratch(new double[(scratch_bytes + sizeof(double) - 1) / sizeof(double)]);
+    if (!body(begin, end, scratch.get())) ok = false;
+  });
+  return ok.load();
+}
+
+}  // namespace
+
+std::string capability() { return kernels().name; }
+
+std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+                                               const std::optional<at::Tensor>& target, int64_t normalize,
+                                               double multiplier, double eps, double temperature,
+                                               int64_t teacher_mode, double kl_weight, double ce_weight,
+                                               double uniform_weight, bool reweight, double reweight_alpha,
+                                               double reweight_eps, int64_t ignore_index) {
+  constexpr const char* op = "kdfast::row_softmax";
+  TORCH_CHECK(student.dim() == 2 && student.size(1) > 0, op, ": student must be [rows, classes>0], got ",
+              student.sizes());
+  TORCH_CHECK(normalize >= kNormNone && normalize <= kNormStandardize, op, ": unknown normalize code ", normalize);
+  TORCH_CHECK(teacher_mode >= kTeacherNone && teacher_mode <= kTeacherPartial, op, ": unknown teacher code ",
+              teacher_mode);
+  TORCH_CHECK(temperature > 0 && multiplier > 0 && eps > 0, op, ": temperature, multiplier and eps must be > 0");
+  const int64_t rows = student.size(0), classes = student.size(1);
+  RowSoftmaxArgs args;
+  args.type = element_type(student, op);
+  const at::Tensor student_c = student.contiguous();
+
+  const bool kl = kl_weight != 0 && teacher_mode != kTeacherNone;
+  const bool needs_teacher = kl || (reweight && ce_weight != 0);
+  const bool needs_label = ce_weight != 0 || (kl && teacher_mode == kTeacherPartial);
+  at::Tensor teacher_c, target_c;
+  if (needs_teacher) {
+    TORCH_CHECK(teacher.has_value(), op, ": this mode needs teacher logits");
+    TORCH_CHECK(teacher->sizes() == student.sizes(), op, ": teacher shape ", teacher->sizes(),
+                " differs from student shape ", student.sizes());
+    teacher_c = teacher->to(student.scalar_type()).contiguous();
+    args.teacher = teacher_c.data_ptr();
+  }
+  if (target.has_value()) {
+    target_c = checked_target(*target, rows, op);
+    args.target = target_c.data_ptr<int64_t>();
+  }
+  TORCH_CHECK(!needs_label || target.has_value(), op, ": this mode needs a target");
+
+  at::Tensor grad = at::empty_like(student_c);
+  at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
+  args.student = student_c.data_ptr();
+  args.grad = grad.data_ptr();
+  args.loss = loss.data_ptr();
+  args.rows = rows;
+  args.classes = classes;
+  args.normalize = static_cast<int>(normalize);
+  args.teacher_mode = static_cast<int>(teacher_mode);
+  args.multiplier = multiplier;
+  args.eps = eps;
+  args.temperature = temperature;
+  args.kl_weight = kl_weight;
+  args.ce_weight = ce_weight;
+  args.uniform_weight = uniform_weight;
+  args.reweight = reweight;
+  args.reweight_alpha = reweight_alpha;
+  args.reweight_eps = reweight_eps;
+  args.ignore_index = ignore_index;
+
+  const RowSoftmaxFn kernel = kernels().row_softmax;
+  const bool ok = for_row_ranges(rows, classes, row_softmax_scratch_bytes(classes),
+                                 [&](int64_t begin, int64_t end, void* scratch) {
+                                   return kernel(args, begin, end, scratch);
+                                 });
+  TORCH_CHECK(ok, op, ": target holds a class index outside [0, ", classes, ") on a row that is not ignored");
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const at::Tensor& target, const at::Tensor& centres, double eps) {
+  constexpr const char* op = "kdfast::feature_centre";
+  TORCH_CHECK(student.dim() == 2, op, ": student features must be 2-D, got ", student.sizes());
+  TORCH_CHECK(teacher.sizes() == student.sizes(), op, ": teacher features ", teacher.sizes(),
+              " must match student features ", student.sizes());
+  TORCH_CHECK(centres.dim() == 2 && centres.size(1) == student.size(1), op, ": centres must be [classes, ",
+              student.size(1), "], got ", centres.sizes());
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0");
+  const int64_t rows = student.size(0), dim = student.size(1);
+  FeatureCentreArgs args;
+  args.type = element_type(student, op);
+  const at::Tensor student_c = student.contiguous();
+  const at::Tensor teacher_c = teacher.to(student.scalar_type()).contiguous();
+  const at::Tensor centres_c = centres.to(student.scalar_type()).contiguous();
+  const at::Tensor target_c = checked_target(target, rows, op);
+  if (rows > 0) {
+    // the kernel gathers centres[y]: every label must name a centre (ignored rows arrive as 0)
+    const auto low = target_c.min().item<int64_t>(), high = target_c.max().item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < centres.size(0), op, ": target must lie in [0, ", centres.size(0), "), got [",
+                low, ", ", high, "]");
+  }
+  at::Tensor grad = at::empty_like(student_c);
+  at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
+  args.student = student_c.data_ptr();
+  args.teacher = teacher_c.data_ptr();
+  args.target = target_c.data_ptr<int64_t>();
+  args.centres = centres_c.data_ptr();
+  args.grad = grad.data_ptr();
+  args.loss = loss.data_ptr();
+  args.rows = rows;
+  args.dim = dim;
+  args.eps = eps;
+  const FeatureCentreFn kernel = kernels().feature_centre;
+  for_row_ranges(rows, dim, feature_centre_scratch_bytes(dim),
+                 [&](int64_t begin, int64_t end, void* scratch) { return kernel(args, begin, end, scratch); });
+  return {loss, grad};
+}
+
+}  // namespace kdfast::cpu

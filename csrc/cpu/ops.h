@@ -1,0 +1,34 @@
+// Tensor-level CPU implementations registered in csrc/bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace kdfast::cpu {
+
+// Codes of landmark_gram's `kind` (shared with kdfast/backends/cpu.py and the CUDA glue).
+enum GramKind : int64_t { kGramSmoothL1 = 0, kGramSquared = 1 };
+
+std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+                                               const std::optional<at::Tensor>& target, int64_t normalize,
+                                               double multiplier, double eps, double temperature,
+                                               int64_t teacher_mode, double kl_weight, double ce_weight,
+                                               double uniform_weight, bool reweight, double reweight_alpha,
+                                               double reweight_eps, int64_t ignore_index);
+
+std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const at::Tensor& target, const at::Tensor& centres, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& student_features,
+                                                             const at::Tensor& teacher_features,
+                                                             const at::Tensor& student_landmarks,
+                                                             const at::Tensor& teacher_landmarks, int64_t kind,
+                                                             double beta);
+
+//: the instruction set the row kernels run with: "avx512", "avx2" or "default"
+std::string capability();
+
+}  // namespace kdfast::cpu

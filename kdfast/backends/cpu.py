@@ -1,0 +1,91 @@
+"""backend="cpu": the C++ kernels of the three families (csrc/cpu/, vectorised with ATen's at::vec,
+one build per instruction set chosen at run time, rows split over threads with at::parallel_for).
+
+The kernels are the ``torch.ops.kdfast`` operators registered by the compiled extension
+``kdfast._C``; this module translates the kernel contract of :mod:`kdfast.backends._fused` into
+their flat arguments, registers their fake (meta) implementations so ``torch.compile`` traces them
+without a graph break, and gets the seven public losses from ``build_losses``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch  # before the extension: it needs libtorch's shared libraries loaded
+
+from ._fused import RowSoftmaxParams, build_losses
+
+try:
+    from .. import _C  # noqa: F401  (loading it registers torch.ops.kdfast.*)
+except ImportError as error:  # the dispatcher reports this and falls back to the reference
+    raise ImportError(
+        "kdfast's compiled CPU extension (kdfast._C) is missing or does not load "
+        f"({error}); build it with `pip install --no-build-isolation -e .`") from error
+
+#: string options of the contract → the integer codes of the C++ schemas (csrc/cpu/kernels.h)
+NORMALIZE_CODES = {"none": 0, "layernorm": 1, "l2": 2, "standardize": 3}
+TEACHER_CODES = {"none": 0, "softmax": 1, "partial": 2}
+GRAM_KIND_CODES = {"smooth_l1": 0, "sq_fro": 1}
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes(namespace: str = "kdfast") -> None:
+    """Shapes and dtypes of the kernels' outputs, for tracing (torch.compile, FakeTensor)."""
+
+    @torch.library.register_fake(f"{namespace}::row_softmax")
+    def _row_softmax_fake(student, teacher, target, normalize, multiplier, eps, temperature, teacher_mode,
+                          kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps,
+                          ignore_index):
+        return (student.new_empty(student.shape[0], dtype=_loss_dtype(student.dtype)),
+                torch.empty_like(student, memory_format=torch.contiguous_format))
+
+    @torch.library.register_fake(f"{namespace}::feature_centre")
+    def _feature_centre_fake(student, teacher, target, centres, eps):
+        return (student.new_empty(student.shape[0], dtype=_loss_dtype(student.dtype)),
+                torch.empty_like(student, memory_format=torch.contiguous_format))
+
+    @torch.library.register_fake(f"{namespace}::landmark_gram")
+    def _landmark_gram_fake(student_features, teacher_features, student_landmarks, teacher_landmarks, kind, beta):
+        dtype = _loss_dtype(student_features.dtype)
+        return (student_features.new_empty(student_features.shape[0], dtype=dtype),
+                torch.empty_like(student_features, memory_format=torch.contiguous_format),
+                student_features.new_empty((), dtype=dtype))
+
+
+_register_fakes()
+
+
+def row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], target: Optional[torch.Tensor],
+                params: RowSoftmaxParams):
+    return torch.ops.kdfast.row_softmax(
+        student, teacher, target, NORMALIZE_CODES[params.normalize], float(params.multiplier), float(params.eps),
+        float(params.temperature), TEACHER_CODES[params.teacher], float(params.kl_weight), float(params.ce_weight),
+        float(params.uniform_weight), bool(params.reweight), float(params.reweight_alpha),
+        float(params.reweight_eps), int(params.ignore_index))
+
+
+def feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor, centers: torch.Tensor,
+                   eps: float):
+    return torch.ops.kdfast.feature_centre(u, teacher_features, target, centers, float(eps))
+
+
+def landmark_gram(student_features: torch.Tensor, teacher_features: torch.Tensor, student_landmarks: torch.Tensor,
+                  teacher_landmarks: torch.Tensor, kind: str, beta: float):
+    return torch.ops.kdfast.landmark_gram(student_features, teacher_features, student_landmarks, teacher_landmarks,
+                                          GRAM_KIND_CODES[kind], float(beta))
+
+
+def capability() -> str:
+    """The instruction-set build the row kernels use here: "avx512", "avx2" or "default"."""
+    return torch.ops.kdfast.cpu_capability()
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    if torch.device(device).type != "cpu":
+        return f"its kernels run on CPU tensors only, not on {torch.device(device).type}"
+    return None
+
+
+LOSSES = build_losses(row_softmax, feature_centre, landmark_gram)
