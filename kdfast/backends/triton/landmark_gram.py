@@ -20,8 +20,13 @@ from ._common import INTERPRETED, kernel_op, launch
 KIND_CODES = {"smooth_l1": 0, "sq_fro": 1}
 BLOCK_B = 16      # rows per program: the smallest tl.dot tile; B is small in KD (≤ a few hundred)
 BLOCK_K = 32      # reduction block over the feature dimension for S = F·Cᵀ
-BLOCK_D = 64      # output block over the feature dimension for G·C
-MAX_FUSED_M = 256  # a 16 × 256 fp32 G tile stays in registers at 4 warps (32 values per thread)
+BLOCK_D = 32      # output block over the feature dimension for G·C (64 spilled at m = 100, sm_90)
+MAX_FUSED_M = 256  # a 16 × 256 fp32 G tile stays in registers at 8 warps (16 values per thread)
+
+
+def gram_warps(block_m: int) -> int:
+    """8 warps once the landmark tile reaches 128 (ptxas: 4 warps spilled there), else 4."""
+    return 8 if block_m >= 128 else 4
 
 
 def _tile(n: int, cap: int) -> int:
@@ -136,7 +141,7 @@ def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch
     launch(_gram_kernel, (triton.cdiv(rows, BLOCK_B),),
         fs, cs, teacher_gram, loss, grad, scratch, rows, landmarks, dim,
         fs.stride(0), fs.stride(1), cs.stride(0), cs.stride(1), teacher_gram.stride(0), grad.stride(0),
-        scratch.stride(0), beta, KIND=KIND_CODES[kind], num_warps=4, **meta)
+        scratch.stride(0), beta, KIND=KIND_CODES[kind], num_warps=gram_warps(meta["BLOCK_M"]), **meta)
     if not fused:
         launch(_gram_grad_kernel, (triton.cdiv(rows, BLOCK_B), triton.cdiv(dim, BLOCK_D)),
             scratch, cs, grad, rows, landmarks, dim, scratch.stride(0), cs.stride(0), cs.stride(1), grad.stride(0),
