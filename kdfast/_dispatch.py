@@ -7,7 +7,7 @@ returning ``None`` when it can run on that device or a sentence saying why not.
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -27,13 +27,23 @@ AUTO_ORDER = {
 }
 
 
-@lru_cache(maxsize=None)
+_LOAD_FAILURES: dict[str, str] = {}
+
+
 def _load(backend: str):
-    """(module, None) or (None, why it cannot be loaded)."""
+    """(module, None) or (None, why it cannot be loaded). A loaded module is read from sys.modules,
+    which torch.compile can trace; importing happens once, outside compiled regions in practice."""
+    name = BACKEND_MODULES[backend]
+    module = sys.modules.get(name)
+    if module is not None:
+        return module, None
+    if backend in _LOAD_FAILURES:
+        return None, _LOAD_FAILURES[backend]
     try:
-        return importlib.import_module(BACKEND_MODULES[backend]), None
+        return importlib.import_module(name), None
     except ImportError as error:  # not built, or its toolchain (triton, the extension) missing
-        return None, f"it is not installed or not built here ({error})"
+        _LOAD_FAILURES[backend] = f"it is not installed or not built here ({error})"
+        return None, _LOAD_FAILURES[backend]
 
 
 def _implementation(backend: str, loss: str, device: torch.device) -> tuple[Optional[Callable], str]:
@@ -73,3 +83,24 @@ def available_backends(loss: str = "kd_loss", device: torch.device | str = "cpu"
     order = AUTO_ORDER.get(device.type, ("reference",))
     names = list(order) + [name for name in BACKEND_MODULES if name not in order]
     return [name for name in names if _implementation(name, loss, device)[0] is not None]
+
+
+def resolve_kernel(backend: str, kernel: str, device: torch.device) -> Optional[Callable]:
+    """A fused backend's raw kernel (e.g. ``"row_softmax"``, the contract of
+    :mod:`kdfast.backends._fused`) for ops built on kernels rather than on whole losses, such as
+    the fused-linear losses. ``None`` means "use the reference path" ("reference", or "auto" with no
+    fused backend available); a named fused backend that cannot run is an error."""
+    if backend == "reference":
+        return None
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ()):
+            if name == "reference":
+                continue
+            module, _ = _load(name)
+            check = getattr(module, "unavailable_reason", None) if module is not None else None
+            if module is not None and hasattr(module, kernel) and (check is None or check(device) is None):
+                return getattr(module, kernel)
+        return None
+    resolve(backend, "kd_loss", device)  # raises the usual clear error for an unknown or unavailable backend
+    module, _ = _load(backend)
+    return getattr(module, kernel)

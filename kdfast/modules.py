@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import functional as KF
+from . import fused_linear
 from .accumulators import ClassCenters
 from .regions import l2rkd_mix
 
@@ -214,3 +215,37 @@ class L2RKDLoss(_HyperParameters):
     def forward(self, student_logits, teacher_logits, mixed_student_logits, mixed_teacher_logits, target=None):
         return KF.l2rkd_loss(student_logits, teacher_logits, mixed_student_logits, mixed_teacher_logits, target,
                              **self.options)
+
+
+class FusedLinearKDLoss(_HyperParameters):
+    """KD on output projections without materialising the logits (see
+    :func:`kdfast.fused_linear_kd_loss`). ``forward(student_hidden, student_weight, teacher_hidden,
+    teacher_weight, target=None, student_bias=None, teacher_bias=None)``; pass the lm-head weights
+    as they are (gathered, if sharded)."""
+
+    _function = staticmethod(fused_linear.fused_linear_kd_loss)
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", chunk_size: Optional[int] = None,
+                 accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto"):
+        super().__init__(temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                         chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None,
+                student_bias=None, teacher_bias=None):
+        return self._function(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                              student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+
+
+class FusedLinearSKDLoss(FusedLinearKDLoss):
+    """Spherical KD on output projections (see :func:`kdfast.fused_linear_skd_loss`)."""
+
+    _function = staticmethod(fused_linear.fused_linear_skd_loss)
+
+    def __init__(self, temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 1.0, eps: float = 1e-7,
+                 normalize: str = "layernorm", ignore_index: int = -100, reduction: str = "batchmean",
+                 chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
+                 backend: str = "auto"):
+        _HyperParameters.__init__(self, temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps,
+                                  normalize=normalize, ignore_index=ignore_index, reduction=reduction,
+                                  chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)

@@ -1,0 +1,210 @@
+"""LLM-scale KD and SKD that never materialise the [N, V] logits.
+
+The student's and the teacher's output projections (``hidden @ weight.T + bias``) are applied a
+chunk of rows at a time; the fused row-softmax kernel of the chosen backend turns each chunk of
+logits into per-row losses and their gradient, and the gradients of the student's hidden states,
+weight and bias are accumulated during the forward. Peak extra memory is a few chunks of logits
+plus the gradients themselves, instead of several [N, V] tensors.
+
+Rules worth knowing:
+- Vocabulary sizes may differ: the smaller side's logits are padded with zeros up to the larger
+  vocabulary (as Liger-Kernel's distillation losses do). Padded classes take part in the softmax
+  (and in SKD's row statistics) like any logit of value 0.
+- The weights are used as given. Sharded weights (FSDP, ZeRO-3, DTensor) must be gathered by the
+  caller first, e.g. inside ``FullyShardedDataParallel.summon_full_params`` or DeepSpeed's
+  ``GatheredParameters``: a shard would silently give a different loss.
+- No host synchronisation: the number of counted rows stays on the device.
+- ``reduction="none"`` is not offered: the weight gradient sums over rows during the forward, so
+  per-row grad_outputs cannot be applied afterwards. Use ``"sum"`` and weight rows yourself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from ._dispatch import resolve_kernel
+from .backends._fused import row_softmax_params
+from .reference import rowsoftmax as reference
+
+REDUCTIONS = ("sum", "mean", "batchmean")
+
+
+def default_chunk_size(rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk: about N·H/V rounded up to a power of two, so that a chunk of logits is about
+    as large as the hidden states (Liger-Kernel's rule, PR #425), clamped to [1, N]."""
+    if rows <= 0:
+        return 1
+    per_chunk = math.ceil(rows / math.ceil(vocab / max(hidden, 1)))
+    return max(1, min(rows, 2 ** math.ceil(math.log2(max(per_chunk, 1)))))
+
+
+def _logits(hidden, weight, bias, width):
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logits if logits.shape[-1] == width else F.pad(logits, (0, width - logits.shape[-1]))
+
+
+class _FusedLinearRowSoftmax(torch.autograd.Function):
+    """Forward computes the loss and all student gradients chunk by chunk; backward rescales them."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                target, kernel, params, reduction, chunk_size, accum_dtype):
+        rows, vocab = student_hidden.shape[0], student_weight.shape[0]
+        width = max(vocab, teacher_weight.shape[0])
+        want_weight, want_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+
+        counted = rows if target is None else (target != params.ignore_index).sum()
+        divisor = {"sum": 1, "batchmean": 1, "mean": width}[reduction]
+        loss_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+        if reduction == "sum":
+            scale = torch.ones((), dtype=loss_dtype, device=student_hidden.device)
+        elif isinstance(counted, int):
+            scale = torch.full((), 1.0 / (max(counted, 1) * divisor), dtype=loss_dtype, device=student_hidden.device)
+        else:
+            scale = 1.0 / (counted.clamp_min(1).to(loss_dtype) * divisor)
+
+        # Gradients stay unscaled in accum_dtype; the reduction's scale and grad_output are applied
+        # together in backward, in fp32, so no low-precision rounding of the scale creeps in.
+        grad_hidden = torch.empty(student_hidden.shape, dtype=accum_dtype, device=student_hidden.device)
+        grad_weight = torch.zeros(student_weight.shape, dtype=accum_dtype, device=student_weight.device) \
+            if want_weight else None
+        grad_bias = torch.zeros(vocab, dtype=accum_dtype, device=student_weight.device) if want_bias else None
+        total = torch.zeros((), dtype=loss_dtype, device=student_hidden.device)
+
+        for start in range(0, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            hidden = student_hidden[start:stop]
+            student_logits = _logits(hidden, student_weight, student_bias, width)
+            teacher_logits = _logits(teacher_hidden[start:stop], teacher_weight, teacher_bias, width)
+            chunk_target = None if target is None else target[start:stop]
+            loss_rows, grad_logits = kernel(student_logits, teacher_logits, chunk_target, params)
+            del student_logits, teacher_logits
+            total += loss_rows.sum(dtype=loss_dtype)
+            grad_logits = grad_logits[:, :vocab]
+            grad_hidden[start:stop] = grad_logits @ student_weight
+            if want_weight:
+                grad_weight.addmm_(grad_logits.T.to(accum_dtype), hidden.to(accum_dtype))
+            if want_bias:
+                grad_bias += grad_logits.sum(0, dtype=accum_dtype)
+
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype, student_weight.dtype)
+        ctx.present = (True, want_weight, want_bias)
+        ctx.save_for_backward(scale, *[g if g is not None else torch.empty(0) for g in
+                                       (grad_hidden, grad_weight, grad_bias)])
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scale, *saved = ctx.saved_tensors
+        factor = grad_output.to(scale.dtype) * scale
+        grads = [(g * factor.to(g.dtype)).to(dtype) if present else None
+                 for g, present, dtype in zip(saved, ctx.present, ctx.dtypes)]
+        return (*grads,) + (None,) * 9
+
+
+def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
+           reduction, chunk_size, ignore_index):
+    _checks.tensor("student_hidden", student_hidden, min_ndim=1)
+    _checks.tensor("student_weight", student_weight, ndim=2)
+    _checks.tensor("teacher_hidden", teacher_hidden, min_ndim=1)
+    _checks.tensor("teacher_weight", teacher_weight, ndim=2)
+    for name, value in (("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
+                        ("teacher_weight", teacher_weight)):
+        _checks.same_dtype_device(name, value, "student_hidden", student_hidden)
+    if student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight has shape {tuple(student_weight.shape)}: its second dimension must be "
+                         f"the hidden size {student_hidden.shape[-1]} of student_hidden")
+    if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+        raise ValueError(f"teacher_weight has shape {tuple(teacher_weight.shape)}: its second dimension must be "
+                         f"the hidden size {teacher_hidden.shape[-1]} of teacher_hidden")
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden has leading shape {tuple(teacher_hidden.shape[:-1])} but student_hidden "
+                         f"has {tuple(student_hidden.shape[:-1])}; they must match (one row per token)")
+    for name, bias, weight in (("student_bias", student_bias, student_weight),
+                               ("teacher_bias", teacher_bias, teacher_weight)):
+        if bias is not None:
+            _checks.tensor(name, bias, ndim=1)
+            _checks.same_dtype_device(name, bias, "student_hidden", student_hidden)
+            if bias.shape[0] != weight.shape[0]:
+                raise ValueError(f"{name} has {bias.shape[0]} entries but the vocabulary has {weight.shape[0]}")
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if target is not None:
+        _checks.target("target", target, batch_shape=student_hidden.shape[:-1], ref_name="student_hidden",
+                       ref=student_hidden, num_classes=student_weight.shape[0], ignore_index=ignore_index)
+
+
+def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
+                  teacher_bias, chunk_size, accum_dtype, backend, options):
+    _check(student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
+           options["reduction"], chunk_size, options["ignore_index"])
+    if options["alpha"] < 1 and target is None:
+        raise ValueError(f"target is required when alpha < 1 (alpha={options['alpha']} weights a CE term)")
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    flat_target = None if target is None else target.reshape(-1).long()
+    teacher_weight, teacher_bias = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+
+    kernel = resolve_kernel(backend, "row_softmax", hidden.device)
+    if kernel is None:  # the reference: materialise the logits, then the reference loss
+        width = max(student_weight.shape[0], teacher_weight.shape[0])
+        student_logits = _logits(hidden, student_weight, student_bias, width)
+        with torch.no_grad():
+            teacher_logits = _logits(teacher, teacher_weight, teacher_bias, width)
+        return getattr(reference, loss_name)(student_logits, teacher_logits, flat_target, **options)
+
+    params, reduction, _ = row_softmax_params(loss_name, **options)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], max(student_weight.shape[0], teacher_weight.shape[0]),
+                                        hidden.shape[1])
+    accum_dtype = student_weight.dtype if accum_dtype is None else torch.promote_types(accum_dtype,
+                                                                                       student_weight.dtype)
+    return _FusedLinearRowSoftmax.apply(hidden, student_weight, student_bias, teacher, teacher_weight, teacher_bias,
+                                        flat_target, kernel, params, reduction, chunk_size, accum_dtype)
+
+
+def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                         student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                         temperature: float = 4.0, alpha: float = 1.0, ignore_index: int = -100,
+                         reduction: str = "batchmean", chunk_size: Optional[int] = None,
+                         accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """:func:`kdfast.kd_loss` of ``student_hidden @ student_weight.T (+ bias)`` against the teacher's
+    logits, computed ``chunk_size`` rows at a time (default: :func:`default_chunk_size`).
+
+    Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias``; the weight and bias
+    gradients are accumulated in ``accum_dtype`` (fp32 by default; ``None`` = the weight's dtype).
+    ``backend="reference"`` materialises the logits (the specification the fused path is tested
+    against); "auto" uses a fused backend when one is available for the device.
+    """
+    _checks.positive("temperature", temperature)
+    _checks.in_unit_interval("alpha", alpha)
+    options = dict(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
+    return _fused_linear("kd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options)
+
+
+def fused_linear_skd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                          teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                          temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 1.0, eps: float = 1e-7,
+                          normalize: str = "layernorm", ignore_index: int = -100, reduction: str = "batchmean",
+                          chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
+                          backend: str = "auto") -> torch.Tensor:
+    """:func:`kdfast.skd_loss` on the output projections, chunked like :func:`fused_linear_kd_loss`."""
+    _checks.positive("temperature", temperature)
+    _checks.in_unit_interval("alpha", alpha)
+    _checks.positive("multiplier", multiplier)
+    _checks.positive("eps", eps)
+    _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
+    options = dict(temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
+                   reduction=reduction, ignore_index=ignore_index)
+    return _fused_linear("skd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options)

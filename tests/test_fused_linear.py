@@ -1,0 +1,160 @@
+"""Fused-linear KD / SKD against materialised logits + the reference loss: values and the gradients
+of hidden, weight and bias, for every fused backend available here."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdfast
+from kdfast import reference
+from kdfast.fused_linear import default_chunk_size
+
+BACKENDS = ["reference"] + [name for name in kdfast.available_backends("kd_loss", "cpu") if name != "reference"]
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-6),
+             torch.bfloat16: dict(rtol=4e-2, atol=4e-3)}
+
+
+def problem(rows=10, hidden=6, vocab=13, teacher_vocab=13, teacher_hidden=5, dtype=torch.float32, bias=True):
+    student = dict(hidden=torch.randn(rows, hidden), weight=torch.randn(vocab, hidden) / hidden**0.5,
+                   bias=torch.randn(vocab) if bias else None)
+    teacher = dict(hidden=torch.randn(rows, teacher_hidden), weight=torch.randn(teacher_vocab, teacher_hidden),
+                   bias=torch.randn(teacher_vocab) if bias else None)
+    cast = lambda d: {k: None if v is None else v.to(dtype) for k, v in d.items()}
+    target = torch.randint(0, vocab, (rows,))
+    target[1] = -100
+    return cast(student), cast(teacher), target
+
+
+def materialised(loss_name, student, teacher, target, **options):
+    """The oracle: full logits in float64 from the same (possibly low-precision) values, zero-padded
+    to the larger vocabulary, then the reference loss."""
+    leaves = {k: v.detach().double().requires_grad_() for k, v in student.items() if v is not None}
+    width = max(student["weight"].shape[0], teacher["weight"].shape[0])
+
+    def logits(hidden, weight, bias):
+        z = hidden @ weight.T + (0 if bias is None else bias)
+        return F.pad(z, (0, width - z.shape[-1]))
+
+    zs = logits(leaves["hidden"], leaves["weight"], leaves.get("bias"))
+    zt = logits(*(None if v is None else v.double() for v in (teacher["hidden"], teacher["weight"], teacher["bias"])))
+    loss = getattr(reference, loss_name)(zs, zt, target, **options)
+    return loss, leaves
+
+
+def fused(function, student, teacher, target, **options):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in student.items() if v is not None}
+    loss = function(leaves["hidden"], leaves["weight"], teacher["hidden"], teacher["weight"], target,
+                    student_bias=leaves.get("bias"), teacher_bias=teacher["bias"], **options)
+    return loss, leaves
+
+
+def compare(function, loss_name, dtype, reference_options, options, student, teacher, target, grad_output=2.5):
+    ours, our_leaves = fused(function, student, teacher, target, **options, **reference_options)
+    theirs, their_leaves = materialised(loss_name, student, teacher, target, **reference_options)
+    (ours * grad_output).backward()
+    (theirs * grad_output).backward()
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(ours.double(), theirs.detach(), **tolerance)
+    for name in our_leaves:
+        assert our_leaves[name].grad.dtype == dtype
+        torch.testing.assert_close(our_leaves[name].grad.double(), their_leaves[name].grad, **tolerance,
+                                   msg=lambda m: f"gradient of student {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_fused_linear_kd(backend, dtype, reduction):
+    student, teacher, target = problem(dtype=dtype)
+    compare(kdfast.fused_linear_kd_loss, "kd_loss", dtype, dict(temperature=2.0, alpha=0.6, reduction=reduction),
+            dict(chunk_size=4, backend=backend), student, teacher, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", ["layernorm", "l2", "standardize"])
+def test_fused_linear_skd(backend, dtype, normalize):
+    student, teacher, target = problem(dtype=dtype)
+    compare(kdfast.fused_linear_skd_loss, "skd_loss", dtype, dict(alpha=0.7, normalize=normalize),
+            dict(chunk_size=3, backend=backend), student, teacher, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab,teacher_vocab", [(13, 17), (17, 13), (1, 1)])
+def test_vocabulary_mismatch_and_odd_shapes(backend, vocab, teacher_vocab):
+    student, teacher, target = problem(rows=7, hidden=3, vocab=vocab, teacher_vocab=teacher_vocab,
+                                       dtype=torch.float64)
+    compare(kdfast.fused_linear_kd_loss, "kd_loss", torch.float64, dict(alpha=0.5 if vocab > 1 else 1.0),
+            dict(chunk_size=2, backend=backend), student, teacher, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_no_target_and_leading_dimensions(backend):
+    student, teacher, _ = problem(rows=12, dtype=torch.float64, bias=False)
+    shaped_student = dict(student, hidden=student["hidden"].reshape(3, 4, -1))
+    shaped_teacher = dict(teacher, hidden=teacher["hidden"].reshape(3, 4, -1))
+    ours, _ = fused(kdfast.fused_linear_kd_loss, shaped_student, shaped_teacher, None, backend=backend, chunk_size=5)
+    theirs, _ = materialised("kd_loss", student, teacher, None)
+    torch.testing.assert_close(ours, theirs.detach(), **TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_is_zero_with_zero_gradients(backend):
+    student, teacher, _ = problem(dtype=torch.float32)
+    ignored = torch.full((10,), -100)
+    loss, leaves = fused(kdfast.fused_linear_skd_loss, student, teacher, ignored, alpha=0.5, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0
+    for leaf in leaves.values():
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_gets_no_gradient_but_hidden_does(backend):
+    student, teacher, target = problem(dtype=torch.float64, bias=False)
+    hidden = student["hidden"].clone().requires_grad_()
+    loss = kdfast.fused_linear_kd_loss(hidden, student["weight"], teacher["hidden"], teacher["weight"], target,
+                                       backend=backend, chunk_size=4)
+    loss.backward()
+    theirs, leaves = materialised("kd_loss", student, teacher, target)
+    theirs.backward()
+    torch.testing.assert_close(hidden.grad, leaves["hidden"].grad, **TOLERANCE[torch.float64])
+    assert student["weight"].grad is None
+
+
+def test_module_equals_function():
+    student, teacher, target = problem(dtype=torch.float64)
+    module = kdfast.FusedLinearSKDLoss(alpha=0.5, chunk_size=4)
+    expected = kdfast.fused_linear_skd_loss(student["hidden"], student["weight"], teacher["hidden"],
+                                            teacher["weight"], target, student_bias=student["bias"],
+                                            teacher_bias=teacher["bias"], alpha=0.5, chunk_size=4)
+    got = module(student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target,
+                 student_bias=student["bias"], teacher_bias=teacher["bias"])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_errors_name_the_argument():
+    student, teacher, target = problem()
+    args = (student["hidden"], student["weight"], teacher["hidden"], teacher["weight"])
+    with pytest.raises(ValueError, match="reduction"):
+        kdfast.fused_linear_kd_loss(*args, reduction="none")
+    with pytest.raises(ValueError, match="chunk_size"):
+        kdfast.fused_linear_kd_loss(*args, chunk_size=0)
+    with pytest.raises(ValueError, match="student_weight"):
+        kdfast.fused_linear_kd_loss(student["hidden"], student["weight"][:, :-1], teacher["hidden"], teacher["weight"])
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        kdfast.fused_linear_kd_loss(student["hidden"], student["weight"], teacher["hidden"][:-1], teacher["weight"])
+    with pytest.raises(ValueError, match="student_bias"):
+        kdfast.fused_linear_kd_loss(*args, student_bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="target"):
+        kdfast.fused_linear_kd_loss(*args, torch.full((10,), 13))
+    with pytest.raises(TypeError, match="teacher_weight"):
+        kdfast.fused_linear_kd_loss(student["hidden"], student["weight"], teacher["hidden"], teacher["weight"].double())
+    with pytest.raises(ValueError, match="target is required"):
+        kdfast.fused_linear_kd_loss(*args, alpha=0.5)
+
+
+def test_default_chunk_size_rule():
+    assert default_chunk_size(4096, 32000, 1024) == 128        # ≈ N·H/V, a power of two
+    assert default_chunk_size(8192, 128256, 4096) == 256
+    assert default_chunk_size(5, 100, 1000) == 5                # never more than N
+    assert default_chunk_size(0, 10, 10) == 1
