@@ -26,7 +26,7 @@ FAMILY = Family(
     kernels=(Kernel("nystrom_loss", "nystrom_loss", reference.nystrom_loss, kdfast.nystrom_loss),),
     sizes={
         "tiny": [(8, 16, 4), (16, 32, 8)],
-        "quick": [(128, 512, 100), (1024, 2048, 1000)],
+        "quick": [(128, 512, 100), (512, 2048, 1000)],
         "default": [(128, 512, 100), (256, 2048, 100), (1024, 512, 100), (1024, 2048, 1000),
                     (4096, 4096, 1000)],
     },

@@ -15,7 +15,9 @@ METHOD = (
     "the running sum of torch.profiler memory events, plus the inputs). Bandwidth: the bytes the op "
     "must move at least (benchmarks.roofline.min_bytes) / p50 time, and its fraction of the copy "
     "bandwidth measured in the same run with the same thread count. Speed-up: p50 time of the "
-    "fastest non-kdfast provider / p50 time of the kdfast backend (> 1: kdfast is faster)."
+    "fastest non-kdfast provider / p50 time of the kdfast backend (> 1: kdfast is faster); mem ratio: "
+    "its peak / the leanest other provider's. kdfast backends compute the gradient in the forward and "
+    "their backward only rescales it, so compare them on full (forward+backward)."
 )
 
 
