@@ -63,7 +63,8 @@ bool rows(const FeatureCentreArgs& a, int64_t begin, int64_t end, void* scratch_
   const acc_t eps = static_cast<acc_t>(a.eps);
 
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t y = a.target[r];  // validated by the glue against the number of centres
+    const int64_t y = a.target[r];  // validated by the glue; checked again so no gather reads outside
+    if (y < 0 || y >= a.num_centres) return false;
     const acc_t* u = widen_row(student + r * n, n, scratch);
     const acc_t* t = widen_row(teacher + r * n, n, scratch + n);
     const acc_t* c = widen_row(centres + y * n, n, scratch + 2 * n);

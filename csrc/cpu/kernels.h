@@ -45,6 +45,7 @@ struct FeatureCentreArgs {
   const void* teacher = nullptr;   // f^t [rows, dim] (only its row norms matter)
   const int64_t* target = nullptr; // [rows], already in [0, num_centres)
   const void* centres = nullptr;   // raw class means [num_centres, dim]
+  int64_t num_centres = 0;
   void* grad = nullptr;            // [rows, dim]
   void* loss = nullptr;            // [rows], fp32 (fp64 for kFloat64)
   int64_t rows = 0;

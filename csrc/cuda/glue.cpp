@@ -1,0 +1,183 @@
+// Torch glue of the CUDA kernels: registers them as the CUDA implementations of the
+// torch.ops.kdfast operators defined in csrc/bindings.cpp (kdfast._C must be loaded first, which
+// kdfast/backends/cuda.py does). Built only against a CUDA build of torch (setup.py); the kernels
+// themselves live in the CUDA-only .cu files behind csrc/cuda/launchers.h.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "launchers.h"
+
+namespace kdfast::cuda {
+namespace {
+
+//: landmark_gram kind codes (csrc/cpu/ops.h)
+constexpr int64_t kGramSmoothL1 = 0, kGramSquared = 1;
+
+ElementType element_type(const at::Tensor& tensor, const char* op) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat: return ElementType::kFloat32;
+    case at::kDouble: return ElementType::kFloat64;
+    case at::kBFloat16: return ElementType::kBFloat16;
+    case at::kHalf: return ElementType::kFloat16;
+    default: TORCH_CHECK(false, op, ": expected a float32, float64, bfloat16 or float16 tensor, got ", tensor.scalar_type());
+  }
+}
+
+at::ScalarType loss_type(const at::Tensor& tensor) {
+  return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Device-side check of the labels (no host sync); the kernels also skip bad rows, so an invalid
+// label is an assertion failure, never an out-of-bounds read.
+void assert_labels(const at::Tensor& target, int64_t low, int64_t high, std::optional<int64_t> ignore,
+                   const char* message) {
+  if (target.numel() == 0) return;
+  at::Tensor bad = (target < low) | (target >= high);
+  if (ignore.has_value()) bad = bad & (target != *ignore);
+  at::_assert_async(bad.any().logical_not(), message);
+}
+
+std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+                                               const std::optional<at::Tensor>& target, int64_t normalize,
+                                               double multiplier, double eps, double temperature,
+                                               int64_t teacher_mode, double kl_weight, double ce_weight,
+                                               double uniform_weight, bool reweight, double reweight_alpha,
+                                               double reweight_eps, int64_t ignore_index) {
+  constexpr const char* op = "kdfast::row_softmax (cuda)";
+  TORCH_CHECK(student.dim() == 2 && student.size(1) > 0, op, ": student must be [rows, classes>0], got ",
+              student.sizes());
+  TORCH_CHECK(normalize >= 0 && normalize <= 3 && teacher_mode >= 0 && teacher_mode <= 2, op, ": unknown mode");
+  TORCH_CHECK(temperature > 0 && multiplier > 0 && eps > 0, op, ": temperature, multiplier and eps must be > 0");
+  const c10::cuda::CUDAGuard guard(student.device());
+  const int64_t rows = student.size(0), classes = student.size(1);
+  RowSoftmaxArgs args;
+  args.type = element_type(student, op);
+  const at::Tensor student_c = student.contiguous();
+  const bool kl = kl_weight != 0 && teacher_mode != 0;
+  const bool needs_teacher = kl || (reweight && ce_weight != 0);
+  const bool needs_label = ce_weight != 0 || (kl && teacher_mode == 2);
+  at::Tensor teacher_c, target_c;
+  if (needs_teacher) {
+    TORCH_CHECK(teacher.has_value() && teacher->sizes() == student.sizes(), op,
+                ": this mode needs teacher logits shaped like the student's");
+    teacher_c = teacher->to(student.scalar_type()).contiguous();
+    args.teacher = teacher_c.data_ptr();
+  }
+  if (target.has_value()) {
+    TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == rows, op,
+                ": target must be int64 of shape [", rows, "]");
+    target_c = target->contiguous();
+    args.target = target_c.data_ptr<int64_t>();
+    if (needs_label) {
+      assert_labels(target_c, 0, classes, ignore_index, "kdfast::row_softmax: target outside [0, classes)");
+    }
+  }
+  TORCH_CHECK(!needs_label || target.has_value(), op, ": this mode needs a target");
+  at::Tensor grad = at::empty_like(student_c);
+  at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
+  args.student = student_c.data_ptr();
+  args.grad = grad.data_ptr();
+  args.loss = loss.data_ptr();
+  args.rows = rows;
+  args.classes = classes;
+  args.normalize = static_cast<int>(normalize);
+  args.teacher_mode = static_cast<int>(teacher_mode);
+  args.multiplier = multiplier;
+  args.eps = eps;
+  args.temperature = temperature;
+  args.kl_weight = kl_weight;
+  args.ce_weight = ce_weight;
+  args.uniform_weight = uniform_weight;
+  args.reweight = reweight;
+  args.reweight_alpha = reweight_alpha;
+  args.reweight_eps = reweight_eps;
+  args.ignore_index = ignore_index;
+  C10_CUDA_CHECK(launch_row_softmax(args, current_stream()));
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const at::Tensor& target, const at::Tensor& centres, double eps) {
+  constexpr const char* op = "kdfast::feature_centre (cuda)";
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), op,
+              ": student and teacher features must be 2-D and alike");
+  TORCH_CHECK(centres.dim() == 2 && centres.size(1) == student.size(1), op, ": centres must be [classes, ",
+              student.size(1), "]");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == student.size(0), op,
+              ": target must be int64 of shape [", student.size(0), "]");
+  const c10::cuda::CUDAGuard guard(student.device());
+  FeatureCentreArgs args;
+  args.type = element_type(student, op);
+  const at::Tensor student_c = student.contiguous();
+  const at::Tensor teacher_c = teacher.to(student.scalar_type()).contiguous();
+  const at::Tensor centres_c = centres.to(student.scalar_type()).contiguous();
+  const at::Tensor target_c = target.contiguous();
+  assert_labels(target_c, 0, centres_c.size(0), std::nullopt, "kdfast::feature_centre: target outside the centres");
+  at::Tensor grad = at::empty_like(student_c);
+  at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(loss_type(student)));
+  args.student = student_c.data_ptr();
+  args.teacher = teacher_c.data_ptr();
+  args.target = target_c.data_ptr<int64_t>();
+  args.centres = centres_c.data_ptr();
+  args.num_centres = centres_c.size(0);
+  args.grad = grad.data_ptr();
+  args.loss = loss.data_ptr();
+  args.rows = student.size(0);
+  args.dim = student.size(1);
+  args.eps = eps;
+  C10_CUDA_CHECK(launch_feature_centre(args, current_stream()));
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& student_features,
+                                                             const at::Tensor& teacher_features,
+                                                             const at::Tensor& student_landmarks,
+                                                             const at::Tensor& teacher_landmarks, int64_t kind,
+                                                             double beta) {
+  constexpr const char* op = "kdfast::landmark_gram (cuda)";
+  TORCH_CHECK(kind == kGramSmoothL1 || kind == kGramSquared, op, ": unknown kind ", kind);
+  TORCH_CHECK(student_features.dim() == 2 && teacher_features.dim() == 2 && student_landmarks.dim() == 2 &&
+                  teacher_landmarks.dim() == 2 && teacher_features.size(0) == student_features.size(0) &&
+                  teacher_landmarks.size(0) == student_landmarks.size(0) &&
+                  student_landmarks.size(1) == student_features.size(1) &&
+                  teacher_landmarks.size(1) == teacher_features.size(1),
+              op, ": shapes do not match");
+  const c10::cuda::CUDAGuard guard(student_features.device());
+  const auto compute = student_features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor cs = student_landmarks.to(compute);
+  at::Tensor student_gram = at::mm(student_features.to(compute), cs.t()).contiguous();
+  const at::Tensor teacher_gram = at::mm(teacher_features.to(compute), teacher_landmarks.to(compute).t()).contiguous();
+  const int64_t rows = student_gram.size(0), landmarks = student_gram.size(1);
+  at::Tensor loss_rows = at::empty({rows}, student_gram.options());
+  at::Tensor teacher_sq_rows = at::empty({rows}, student_gram.options());
+  C10_CUDA_CHECK(launch_gram_epilogue(student_gram.data_ptr(), teacher_gram.data_ptr(), loss_rows.data_ptr(),
+                                      teacher_sq_rows.data_ptr(), rows, landmarks, static_cast<int>(kind), beta,
+                                      compute == at::kDouble, current_stream()));
+  at::Tensor grad = at::mm(student_gram, cs).to(student_features.scalar_type());
+  return {loss_rows, grad, teacher_sq_rows.sum().sqrt()};
+}
+
+}  // namespace
+}  // namespace kdfast::cuda
+
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
+  m.impl("row_softmax", &kdfast::cuda::row_softmax);
+  m.impl("feature_centre", &kdfast::cuda::feature_centre);
+  m.impl("landmark_gram", &kdfast::cuda::landmark_gram);
+}
+
+extern "C" PyMODINIT_FUNC PyInit__C_cuda(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", "kdfast's CUDA kernels (torch.ops.kdfast, CUDA)",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}
