@@ -16,7 +16,8 @@ METHOD = (
     "must move at least (benchmarks.roofline.min_bytes) / p50 time, and its fraction of the copy "
     "bandwidth measured in the same run with the same thread count. Speed-up: p50 time of the "
     "fastest non-kdfast provider / p50 time of the kdfast backend (> 1: kdfast is faster); mem ratio: "
-    "its peak / the leanest other provider's. kdfast backends compute the gradient in the forward and "
+    "its peak / the leanest other provider's; extra MiB: the peak minus the inputs (what the loss "
+    "itself costs), extra ratio: the same ratio on it. kdfast backends compute the gradient in the forward and "
     "their backward only rescales it, so compare them on full (forward+backward)."
 )
 
@@ -49,7 +50,7 @@ def _pivot(rows: list[dict]) -> dict:
 
 def summary_table(result: Result) -> tuple[list[str], list[list[str]]]:
     header = ["family", "kernel", "shape", "thr", "provider", "fwd ms", "bwd ms", "full ms [p20–p80]",
-              "peak MiB", "full GB/s", "% copy", "speed-up", "mem ratio"]
+              "peak MiB", "extra MiB", "full GB/s", "% copy", "speed-up", "mem ratio", "extra ratio"]
     lines = []
     for (family, kernel, shape, provider), cells in _pivot(result.rows).items():
         def get(mode, metric, key="p50"):
@@ -62,9 +63,10 @@ def summary_table(result: Result) -> tuple[list[str], list[list[str]]]:
         threads = next(iter(cells.values()))["threads"]
         lines.append([family, kernel, shape, str(threads), provider, _fmt(get("forward", "time")),
                       _fmt(get("backward", "time")), full_text, _fmt(get("full", "memory")),
+                      _fmt(get("full", "memory_extra")),
                       _fmt(get("full", "bandwidth")), "—" if fraction is None else f"{100 * fraction:.0f}%",
                       "—" if speedup is None else f"{speedup['p50']:.2f}× {speedup['note']}",
-                      _fmt(get("full", "memory_vs_best_other"))])
+                      _fmt(get("full", "memory_vs_best_other")), _fmt(get("full", "memory_extra_vs_best_other"))])
     return header, lines
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 import kdfast
 
-from . import feature_centre, landmark_gram, rowsoftmax
+from . import feature_centre, fused_linear, landmark_gram, rowsoftmax
 from .family import Family, Kernel
 from .memory import available_bytes, peak_step_bytes
 from .providers import Provider, providers_for
@@ -23,7 +23,8 @@ from .roofline import MODES, copy_bandwidth, min_bytes
 from .timing import num_threads, threads_for, time_backward, time_fn
 
 FAMILIES: dict[str, Family] = {family.name: family for family in
-                               (rowsoftmax.FAMILY, feature_centre.FAMILY, landmark_gram.FAMILY)}
+                               (rowsoftmax.FAMILY, feature_centre.FAMILY, landmark_gram.FAMILY,
+                                fused_linear.FAMILY)}
 
 COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80", "dtype",
            "device", "threads", "kdfast_version", "torch_version", "date", "family", "shape", "note")
@@ -194,6 +195,8 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
                 peak = peak_step_bytes(full, device=config.device, live_bytes=live)
                 rows.append(_row(meta, case, "full", "memory", "MiB", (peak / 2**20,) * 3,
                                  "peak allocated during forward+backward, inputs included"))
+                rows.append(_row(meta, case, "full", "memory_extra", "MiB", ((peak - live) / 2**20,) * 3,
+                                 "peak allocated during forward+backward on top of the inputs"))
                 learned[key] = 1.1 * peak / unit
     except Exception as error:  # one failing provider must not end the run: note it and go on
         if config.device.type == "cuda":
@@ -212,7 +215,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     ratios = []
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row["metric"] in ("time", "memory"):
+        if row["metric"] in ("time", "memory", "memory_extra"):
             groups.setdefault((row["kernel"], row["shape"], row["mode"], row["metric"]), []).append(row)
     for (_, _, _, metric), group in groups.items():
         others = [row for row in group if not row["provider"].startswith("kdfast-")]
@@ -222,8 +225,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         for row in group:
             if not row["provider"].startswith("kdfast-"):
                 continue
-            value = best["p50"] / row["p50"] if metric == "time" else row["p50"] / best["p50"]
-            ratios.append({**row, "metric": "speedup_vs_best_other" if metric == "time" else "memory_vs_best_other",
+            value = best["p50"] / row["p50"] if metric == "time" else row["p50"] / max(best["p50"], 1e-12)
+            ratios.append({**row, "metric": "speedup_vs_best_other" if metric == "time" else f"{metric}_vs_best_other",
                            "unit": "x" if metric == "time" else "fraction", "p50": value, "p20": math.nan,
                            "p80": math.nan, "note": f"vs {best['provider']}"})
     return rows + ratios
