@@ -155,9 +155,10 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
   // a teacher read raw (partial teacher, re-weighting) is not normalised
   const acc_t teacher_scale = p.soft_teacher ? t.scale / p.temperature : 1 / p.temperature;
 
-  // label-dependent entries, read once by every thread (broadcast through the cache)
+  // label-dependent entries, read once by every thread (broadcast through the cache); a label that
+  // only masks rows (no mode uses it) may be anything, so it is range-checked before the read
   acc_t zs_y = 0, zt_y = 0;
-  if (y >= 0) {
+  if (y >= 0 && y < n) {
     zs_y = to_acc(zs[y]);
     if (has_teacher) zt_y = to_acc(zt[y]);
   }
