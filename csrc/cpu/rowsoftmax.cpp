@@ -165,17 +165,18 @@ void gradient_dispatch(bool has_s, bool has_t, bool has_1, bool accumulate, cons
 #undef KDFAST_GRAD_CASE
 }
 
-// out = A·g − k·(z − μ) − c, in place over g
+// out = A·g − k·(z − μ) − c (out may be g itself)
 template <typename acc_t>
-void normalisation_backward(acc_t* g, const acc_t* z, int64_t n, acc_t scale, acc_t k, acc_t mean, acc_t c) {
+void normalisation_backward(const acc_t* g, const acc_t* z, int64_t n, acc_t scale, acc_t k, acc_t mean, acc_t c,
+                            acc_t* out) {
   using Vec = Vectorized<acc_t>;
   const Vec vscale(scale), vk(k), vmean(mean), vc(c);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec v = vscale * Vec::loadu(g + i) - vk * (Vec::loadu(z + i) - vmean) - vc;
-    v.store(g + i);
+    v.store(out + i);
   }
-  for (; i < n; ++i) g[i] = scale * g[i] - k * (z[i] - mean) - c;
+  for (; i < n; ++i) out[i] = scale * g[i] - k * (z[i] - mean) - c;
 }
 
 template <typename scalar_t>
@@ -208,7 +209,8 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
   const bool uses_label = ce || partial_teacher;
   const bool normalised = a.normalize != kNormNone;
   // Where g goes first: straight into the output when nothing follows it.
-  const bool direct = !normalised && std::is_same_v<scalar_t, acc_t>;
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const bool direct = !normalised && kSameType;
 
   bool labels_ok = true;
   for (int64_t r = begin; r < end; ++r) {
@@ -332,10 +334,12 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
       gd_sum += fix_y * (zs[y] - s.mean);
     }
     if (normalised) {
+      // the last pass writes the output itself when no narrowing follows
       const acc_t centre = s.centred ? s.scale * g_sum / n : acc_t(0);
-      normalisation_backward(g, zs, n, s.scale, s.scale * s.back * gd_sum, s.mean, centre);
+      acc_t* out = kSameType ? reinterpret_cast<acc_t*>(grad_row) : g;
+      normalisation_backward(g, zs, n, s.scale, s.scale * s.back * gd_sum, s.mean, centre, out);
     }
-    if (!direct) narrow_row(g, grad_row, n);
+    if (!kSameType) narrow_row(g, grad_row, n);
   }
   return labels_ok;
 }
