@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"
 
 #: instruction-set builds of the hot kernel sources: name → extra compiler flags
 CPU_CAPABILITIES = {
@@ -41,7 +41,8 @@ CAPABILITY_SOURCES = ["csrc/cpu/rowsoftmax.cpp", "csrc/cpu/feature_centre.cpp"]
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/glue.cpp", "csrc/cpu/landmark_gram.cpp"]
 CUDA_SOURCES = ["csrc/cuda/rowsoftmax.cu", "csrc/cuda/feature_centre.cu", "csrc/cuda/landmark_gram.cu",
                 "csrc/cuda/glue.cpp"]
-#: flags every C++ TU gets (torch's own extension flags add -std=c++20 and the ABI define)
+#: flags every C++ TU gets (torch's own extension flags add -std=c++20 and the ABI define);
+#: -fno-math-errno lets std::sqrt/std::exp compile to instructions instead of errno-setting calls
 CXX_FLAGS = ["-O3", "-fno-math-errno"]
 #: CUDA architectures compiled into the CUDA extension: Ampere and Hopper, plus PTX for newer GPUs
 NVCC_FLAGS = ["-O3", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
