@@ -381,19 +381,17 @@ def test_every_instruction_set_build_agrees():
 
 
 def test_torch_compile_has_no_graph_break():
-    """The backend's losses (kernel ops, their fake implementations, the autograd around them)
-    trace into one graph. They are called directly: the public ops first go through
-    kdfast._dispatch, whose import_module call is outside this backend."""
+    """A step calling the public ops with backend="cpu" (kernel ops, their fake implementations, the
+    autograd around them) traces into one graph. The backend module is already imported here, as
+    it is after any eager call; importing it inside a compiled region would be a graph break."""
     student, teacher, target = row_inputs((4, 10), torch.float32)
     features = gram_inputs(4, 6, 5, 3, torch.float32)
     u, f_t, labels, centres = nd_inputs(4, 6, 3, torch.float32)
-    losses = cpu.LOSSES
 
     def step(x, t, y, fs):
-        skd = losses["skd_loss"](x, t, y, temperature=4.0, multiplier=2.0, alpha=0.5, eps=1e-7,
-                                 normalize="layernorm", reduction="batchmean", ignore_index=-100)
-        nd = losses["nd_loss"](fs[:, :6], f_t, labels, centres)
-        gram = losses["nystrom_loss"](fs, *features[1:])
+        skd = kdfast.skd_loss(x, t, y, alpha=0.5, backend="cpu")
+        nd = kdfast.nd_loss(fs, f_t, labels, centres, backend="cpu")
+        gram = kdfast.nystrom_loss(fs, *features[1:], backend="cpu")
         return skd + nd + gram
 
     x = student.clone().requires_grad_()
