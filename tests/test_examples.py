@@ -33,3 +33,13 @@ def test_digits_rejects_unknown_method(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "distill_digits.py"), "--methods", "nope",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode != 0 and "unknown method" in done.stderr
+
+
+def test_lm_quick(tmp_path):
+    out = run("distill_lm.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    with open(tmp_path / "lm.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["table"] == "perplexity"]
+    assert [r["model_or_shape"].split()[-1] for r in rows[1:]] == ["ce", "kd", "skd"]
+    for r in rows:  # a byte-level model: perplexity between 1 and the vocabulary size (roughly)
+        assert 1.0 < float(r["val_ppl"]) < 300.0
+    assert "validation perplexity" in (tmp_path / "lm.md").read_text() and "skd" in out
