@@ -29,7 +29,7 @@ helper is used), so a backend only has to get the per-row numbers right.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -85,23 +85,61 @@ def row_softmax_params(loss: str, **options) -> tuple[RowSoftmaxParams, str, int
     raise KeyError(loss)
 
 
+#: gradients at least this large are worth a device sync to skip a rescaling pass over them
+SYNC_WORTH_ELEMENTS = 1 << 20
+
+
+def _can_inspect(tensor: torch.Tensor, work: int = 0) -> bool:
+    """Whether to read a value of ``tensor`` on the host: free for a CPU tensor; on an accelerator a
+    sync, worth it only when it saves a pass over ``work`` elements. Never while tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or work >= SYNC_WORTH_ELEMENTS
+
+
 class KernelLoss(torch.autograd.Function):
-    """Autograd around a kernel returning (loss_rows, grad, *extras): backward only rescales the
-    saved gradient by the incoming per-row gradient (the reduction's chain rule)."""
+    """Autograd around a kernel returning (loss_rows, grad, *extras): backward rescales the saved
+    gradient by the incoming per-row gradient (the reduction's chain rule).
+
+    ``live_rows`` marks the rows whose saved gradient may be non-zero (the kernel writes zeros for
+    the others). When the per-row gradient is exactly 1 on every live row — ``loss.backward()`` on a
+    reduction whose scale was folded into the kernel (see :func:`build_losses`) — the saved
+    gradient is returned as it is: no pass and no second [N, C] tensor. It is never modified in
+    place, so ``retain_graph``, ``torch.autograd.grad`` and gradcheck see correct values.
+    """
 
     @staticmethod
-    def forward(ctx, student, kernel, *arguments):
+    def forward(ctx, student, live_rows, kernel, *arguments):
         loss_rows, grad, *extras = kernel(student, *arguments)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, live_rows)
         ctx.num_arguments = len(arguments)
         ctx.mark_non_differentiable(*extras)
         return (loss_rows, *extras)
 
     @staticmethod
     def backward(ctx, grad_rows, *unused):
-        (grad,) = ctx.saved_tensors
-        scale = grad_rows.to(grad.dtype).unsqueeze(-1)
-        return (grad * scale, None) + (None,) * ctx.num_arguments
+        grad, live_rows = ctx.saved_tensors
+        nothing = (None, None) + (None,) * ctx.num_arguments
+        if not torch.is_grad_enabled() and _can_inspect(grad_rows, grad.numel()) \
+                and bool(((grad_rows == 1) | ~live_rows).all()):
+            return (grad,) + nothing
+        return (grad * grad_rows.unsqueeze(-1).to(grad.dtype),) + nothing
+
+
+def _folded_scale(reduction: str, valid: torch.Tensor, target: Optional[torch.Tensor], num_classes: int,
+                  mean_kind: str) -> float:
+    """The factor the reduction will multiply every counted row's gradient by, when it is known
+    on the host without a device sync (no target, or a CPU target outside tracing); else 1."""
+    if reduction in ("none", "sum"):
+        return 1.0
+    if target is None:
+        counted = valid.shape[0]
+    elif _can_inspect(valid):
+        counted = int(valid.sum())
+    else:
+        return 1.0
+    divisor = num_classes if (reduction == "mean" and mean_kind == "kl") else 1
+    return 1.0 / (max(counted, 1) * divisor)
 
 
 def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram: Callable) -> dict:
@@ -111,10 +149,16 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
         params, reduction, mean_kind = row_softmax_params(name, **options)
         teacher = None if teacher_logits is None else teacher_logits.detach()
         target = None if target is None else target.long()
-        loss_rows, = KernelLoss.apply(student_logits, row_softmax, teacher, target, params)
         valid, _ = valid_rows(target, options.get("ignore_index"), student_logits.shape[0], student_logits.device)
-        divisor = student_logits.shape[-1] if mean_kind == "kl" else 1
-        return reduce_rows(loss_rows.to(compute_dtype(student_logits.dtype)), valid, reduction, divisor)
+        num_classes = student_logits.shape[-1]
+        # The gradient is linear in the three weights: scaling them by the reduction's factor makes
+        # the kernel write the final gradient, so a plain loss.backward() needs no pass over it.
+        scale = _folded_scale(reduction, valid, target, num_classes, mean_kind)
+        params = replace(params, kl_weight=params.kl_weight * scale, ce_weight=params.ce_weight * scale,
+                         uniform_weight=params.uniform_weight * scale)
+        loss_rows, = KernelLoss.apply(student_logits, valid, row_softmax, teacher, target, params)
+        loss_rows = loss_rows.to(compute_dtype(student_logits.dtype)) / scale
+        return reduce_rows(loss_rows, valid, reduction, num_classes if mean_kind == "kl" else 1)
 
     def kd_loss(student_logits, teacher_logits, target=None, **options):
         return row_loss("kd_loss", student_logits, teacher_logits, target, options)
@@ -134,15 +178,18 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
     def nd_loss(student_features, teacher_features, target, centers, *, reduction="mean", ignore_index=-100,
                 eps=1e-8):
         valid, safe_target = valid_rows(target, ignore_index, student_features.shape[0], student_features.device)
-        loss_rows, = KernelLoss.apply(student_features, feature_centre, teacher_features.detach(), safe_target,
-                                      centers.detach(), eps)
+        every_row = torch.ones_like(valid)  # the kernel computes ignored rows too (as class 0)
+        loss_rows, = KernelLoss.apply(student_features, every_row, feature_centre, teacher_features.detach(),
+                                      safe_target, centers.detach(), eps)
         return reduce_rows(loss_rows.to(compute_dtype(student_features.dtype)), valid, reduction)
 
     def nystrom_loss(student_features, teacher_features, student_landmarks, teacher_landmarks, *,
                      kind="smooth_l1", normalize=True, reduction="sum", beta=1.0, eps=1e-12):
         dtype = compute_dtype(student_features.dtype)
         row_kind = "sq_fro" if kind == "fro" else kind
-        loss_rows, teacher_norm = KernelLoss.apply(student_features, landmark_gram, teacher_features.detach(),
+        every_row = torch.ones(student_features.shape[0], dtype=torch.bool, device=student_features.device)
+        loss_rows, teacher_norm = KernelLoss.apply(student_features, every_row, landmark_gram,
+                                                   teacher_features.detach(),
                                                    student_landmarks.detach(), teacher_landmarks.detach(),
                                                    row_kind, beta)
         loss_rows = loss_rows.to(dtype)
