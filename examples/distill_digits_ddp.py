@@ -19,11 +19,9 @@ What is distributed:
   the whole set (checked below against an all-gather);
 - KDA's per-epoch landmarks (``NystromLoss.end_epoch``) are all-reduced the same way.
 
-Two DDP details matter here:
-- buffers are not re-synchronised at each forward (``forward_sync_buffers=False``; older torch:
-  ``broadcast_buffers=False``). With the default DDP copies rank 0's buffers to every rank
-  at each forward, which would overwrite each rank's running ``ClassCenters`` sums inside
-  NystromLoss with rank 0's and double-count them at the all-reduce.
+Two DDP details worth knowing:
+- DDP's default per-forward buffer sync is harmless: ``ClassCenters`` keeps its running sums
+  out of the module buffers DDP copies from rank 0, so each rank accumulates its own shard.
 - The ND projector's BatchNorm keeps per-rank statistics: SyncBatchNorm has no CPU support.
   KDA's smooth-L1 / ||S^t||_F normalisation is per local batch, so a 2-rank KDA step is close to,
   but not the same as, a single-process step on the global batch (KD, ND and CE are exact).
@@ -32,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import os
 import sys
 import time
@@ -48,13 +45,6 @@ from distill_digits import HERE, MLP, NUM_CLASSES, accuracy, load_split  # noqa:
 import kdfast  # noqa: E402
 
 DDP_METHODS = ("ce", "kd", "kd_nd", "kda")
-
-# Keep each rank's ClassCenters sums local between forwards (see the module docstring); the
-# keyword was renamed in recent torch, whose old name now warns.
-NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                          if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-                          else {"broadcast_buffers": False})
-
 
 class DistillStep(nn.Module):
     """The student plus every trainable part of its loss in one module, ``forward(x, y) -> loss``.
@@ -162,7 +152,7 @@ def main(argv=None):
                 dist.all_gather(gathered, nd.centers)
                 assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks disagree on the centres"
             step = DistillStep(student, teacher, method, nd)
-            ddp = DDP(step, **NO_FORWARD_BUFFER_SYNC)
+            ddp = DDP(step)
             train(ddp, xs, ys, args.epochs, 32, 3e-3, seed, rank, world,
                   on_epoch_end=step.kda.end_epoch if step.kda is not None else None)
             accs.append(accuracy(student, x_te, y_te))

@@ -11,12 +11,13 @@ from .fused_linear import fused_linear_kd_loss, fused_linear_skd_loss
 from .modules import (FusedLinearKDLoss, FusedLinearSKDLoss, KDLoss, L2RKDLoss, LabelSmoothingLoss, NDLoss,
                       NystromLoss, PartialTeacherLoss, ReweightedCELoss, SKDLoss)
 from .reference.landmark_gram import nystrom_reconstruction
+from .reference.rowsoftmax import normalize_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
     "kd_loss", "skd_loss", "partial_teacher_loss", "label_smoothing_loss", "reweighted_ce_loss", "nd_loss",
-    "nystrom_loss", "l2rkd_loss", "l2rkd_mix", "nystrom_reconstruction", "fused_linear_kd_loss",
+    "nystrom_loss", "l2rkd_loss", "l2rkd_mix", "nystrom_reconstruction", "normalize_logits", "fused_linear_kd_loss",
     "fused_linear_skd_loss", "FusedLinearKDLoss", "FusedLinearSKDLoss",
     "KDLoss", "SKDLoss", "PartialTeacherLoss", "LabelSmoothingLoss", "ReweightedCELoss", "NDLoss", "NystromLoss",
     "L2RKDLoss", "ClassCenters", "available_backends", "__version__",

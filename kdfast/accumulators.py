@@ -37,8 +37,34 @@ class ClassCenters(nn.Module):
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         self.num_classes, self.dim, self.ignore_index = num_classes, dim, ignore_index
         self.process_group = process_group
-        self.register_buffer("sums", torch.zeros(num_classes, dim, dtype=torch.float32, device=device))
-        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64, device=device))
+        # Plain attributes, not buffers: DistributedDataParallel copies rank 0's buffers to every
+        # rank before each training forward, which would overwrite the other ranks' running sums
+        # (and count rank 0's twice at the all-reduce). They still move with .to() and live in the
+        # state dict (see _apply and the state-dict hooks below).
+        self.sums = torch.zeros(num_classes, dim, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.sums = fn(self.sums).to(torch.float32)  # follow the device, keep fp32 sums
+        self.counts = fn(self.counts)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "sums"] = self.sums
+        destination[prefix + "counts"] = self.counts
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("sums", "counts"):
+            key = prefix + name
+            if key in state_dict:
+                getattr(self, name).copy_(state_dict.pop(key))
+            elif strict:
+                missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def reset(self) -> None:
         self.sums.zero_()
