@@ -154,7 +154,8 @@ def test_errors_name_the_argument():
 
 
 def test_default_chunk_size_rule():
-    assert default_chunk_size(4096, 32000, 1024) == 128        # ≈ N·H/V, a power of two
+    assert default_chunk_size(65536, 32000, 4096) == 8192      # N / ceil(V / H), a power of two
     assert default_chunk_size(8192, 128256, 4096) == 256
+    assert default_chunk_size(4096, 32000, 1024) == 256        # at least 256 rows for efficient GEMMs
     assert default_chunk_size(5, 100, 1000) == 5                # never more than N
     assert default_chunk_size(0, 10, 10) == 1
