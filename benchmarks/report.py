@@ -91,7 +91,17 @@ def _preamble(result: Result, title: str, comment: str | None = None) -> list[st
     return [f"# {title}", "",
             f"Device: {meta['device']} · dtype {meta['dtype']} · torch {meta['torch_version']} · "
             f"kdfast {meta['kdfast_version']} · {meta['date']} · run took {result.seconds:.0f} s", "",
-            f"Copy bandwidth: {copy}.", "", METHOD, ""] + ([f"**{comment}**", ""] if comment else [])
+            f"Copy bandwidth: {copy}."] + _fresh_line(meta) + ["", METHOD, ""] + \
+        ([f"**{comment}**", ""] if comment else [])
+
+
+def _fresh_line(meta: dict) -> list[str]:
+    fresh = meta.get("fresh_copy")
+    if not fresh:
+        return []
+    rates = ", ".join(f"{rate:.2f} GB/s with {threads} thread{'s' * (threads > 1)}" for threads, rate in fresh.items())
+    return ["", f"Copy into freshly allocated memory (`clone()`, page faults included): {rates}. Every op that "
+                "returns a new tensor — a gradient — pays this; it is the practical ceiling of the '% copy' column."]
 
 
 def write_markdown(result: Result, path: str, title: str, comment: str | None = None) -> None:

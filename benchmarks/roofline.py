@@ -51,3 +51,14 @@ def copy_bandwidth(device: torch.device, nbytes: int, threads: int, min_run_time
         p50, _, _ = time_fn(lambda: dst.copy_(src), device=device, threads=threads, min_run_time=min_run_time)
     del src, dst
     return 2 * nbytes / (p50 * 1e-3) / 1e9
+
+
+def fresh_copy_bandwidth(device: torch.device, nbytes: int, threads: int, min_run_time: float) -> float:
+    """GB/s of ``src.clone()``: a copy into freshly allocated memory, as every op that returns a
+    new tensor (a gradient, say) must do. On machines where first-touch page faults are slow this
+    is far below :func:`copy_bandwidth`; it is the practical ceiling for such ops."""
+    with num_threads(threads):
+        src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        p50, _, _ = time_fn(lambda: src.clone(), device=device, threads=threads, min_run_time=min_run_time)
+    del src
+    return 2 * nbytes / (p50 * 1e-3) / 1e9

@@ -19,7 +19,7 @@ from . import feature_centre, fused_linear, landmark_gram, rowsoftmax
 from .family import Family, Kernel
 from .memory import available_bytes, peak_step_bytes
 from .providers import Provider, providers_for
-from .roofline import MODES, copy_bandwidth, min_bytes
+from .roofline import MODES, copy_bandwidth, fresh_copy_bandwidth, min_bytes
 from .timing import num_threads, threads_for, time_backward, time_fn
 
 FAMILIES: dict[str, Family] = {family.name: family for family in
@@ -251,11 +251,17 @@ def run(config: Config) -> Result:
     for case in bar:
         bar.set_postfix_str(f"{case.kernel.name} {case.provider.name} {case.family.describe(case.shape)}")
         rows += run_case(case, config, meta, bandwidth, learned, notes, config.modes, config.memory)
-    for threads, rate in bandwidth.items():
-        rows.append(dict(kernel="copy", provider="torch", mode="copy", metric="bandwidth", unit="GB/s",
-                         x_name="bytes", x_value=COPY_BYTES[config.sweep], p50=rate, p20=math.nan, p80=math.nan,
-                         threads=threads, family="device", shape=f"bytes={COPY_BYTES[config.sweep]}",
-                         note="dst.copy_(src): (read + write) / p50 time", **meta))
+    run_time = config.min_run_time if config.sweep == "tiny" else max(config.min_run_time, 0.3)
+    fresh = {threads: fresh_copy_bandwidth(config.device, COPY_BYTES[config.sweep], threads, run_time)
+             for threads in bandwidth}
+    row_meta = dict(meta)  # before fresh_copy is added: rows hold scalars only
+    for kernel, rates, how in (("copy", bandwidth, "dst.copy_(src)"), ("clone", fresh, "src.clone(), fresh memory")):
+        for threads, rate in rates.items():
+            rows.append(dict(kernel=kernel, provider="torch", mode="copy", metric="bandwidth", unit="GB/s",
+                             x_name="bytes", x_value=COPY_BYTES[config.sweep], p50=rate, p20=math.nan,
+                             p80=math.nan, threads=threads, family="device", shape=f"bytes={COPY_BYTES[config.sweep]}",
+                             note=f"{how}: (read + write) / p50 time", **row_meta))
+    meta["fresh_copy"] = fresh
     return Result(add_ratios(rows), notes, bandwidth, meta, time.perf_counter() - started)
 
 
