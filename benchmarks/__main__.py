@@ -19,7 +19,7 @@ from .suite import FAMILIES, Config, device_tag, plan, run, run_scaling, too_big
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 #: per sweep: (compile policy, seconds of timing per case and mode)
-SWEEP_DEFAULTS = {"tiny": ("none", 0.01), "quick": ("largest", 0.1), "default": ("all", 0.5)}
+SWEEP_DEFAULTS = {"tiny": ("none", 0.01), "quick": ("largest", 0.1), "targets": ("all", 0.5), "default": ("all", 0.5)}
 
 
 def parse(argv):
@@ -28,6 +28,9 @@ def parse(argv):
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="sweep", const="quick",
                       help="few small shapes, torch.compile at the largest shape of each kernel only (< 3 min on 2 CPU cores)")
+    size.add_argument("--targets", action="store_const", dest="sweep", const="targets",
+                      help="only the shapes the project's issues set targets at (CPU: 4096x32000 logits, ND 512x2048, "
+                           "KDA 1024x2048 m=100, fused-linear 4096x1024x32000)")
     size.add_argument("--tiny", action="store_const", dest="sweep", const="tiny",
                       help="toy shapes that only exercise the machinery (the smoke test)")
     parser.add_argument("--scaling", action="store_true",

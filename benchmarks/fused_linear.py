@@ -43,6 +43,7 @@ FAMILY = Family(
     sizes={
         "tiny": [(8, 16, 64)],
         "quick": [(512, 256, 4096)],
+        "targets": [(4096, 1024, 32000)],
         "default": [(1024, 256, 8192), (4096, 1024, 32000)],
     },
     make_inputs=_make_inputs,

@@ -32,7 +32,7 @@ COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", 
 #: share of the device's free memory a case may be estimated to need before it is skipped
 MEMORY_HEADROOM = 0.8
 #: bytes of the tensor copied to measure the copy bandwidth, per sweep
-COPY_BYTES = {"tiny": 16 << 20, "quick": 256 << 20, "default": 1 << 30}
+COPY_BYTES = {"tiny": 16 << 20, "quick": 256 << 20, "targets": 1 << 30, "default": 1 << 30}
 
 
 @dataclass
