@@ -62,6 +62,15 @@ def _check_distill_options(temperature, alpha, reduction, target) -> None:
         raise ValueError(f"target is required when alpha < 1 (alpha={alpha} weights a CE term on the labels)")
 
 
+def _run_row_loss(loss_name: str, backend: str, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+                  flat_target: Optional[torch.Tensor], **options) -> torch.Tensor:
+    """Dispatch a checked row-softmax loss on [N, C] rows; "none" gets the leading shape back."""
+    op = resolve(backend, loss_name, student_logits.device)
+    teacher = () if teacher_logits is None else (_rows(teacher_logits),)
+    loss = op(_rows(student_logits), *teacher, flat_target, **options)
+    return _unflatten(loss, options["reduction"], student_logits.shape[:-1])
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
             *, temperature: float = 4.0, alpha: float = 1.0, reduction: str = "batchmean",
             ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
@@ -73,10 +82,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     _check_logit_pair(student_logits, teacher_logits)
     _check_distill_options(temperature, alpha, reduction, target)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
-    op = resolve(backend, "kd_loss", student_logits.device)
-    loss = op(_rows(student_logits), _rows(teacher_logits), flat_target,
-              temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
-    return _unflatten(loss, reduction, student_logits.shape[:-1])
+    return _run_row_loss("kd_loss", backend, student_logits, teacher_logits, flat_target,
+                        temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
 
 
 def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
@@ -94,11 +101,9 @@ def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     _checks.positive("eps", eps)
     _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
-    op = resolve(backend, "skd_loss", student_logits.device)
-    loss = op(_rows(student_logits), _rows(teacher_logits), flat_target,
-              temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
-              reduction=reduction, ignore_index=ignore_index)
-    return _unflatten(loss, reduction, student_logits.shape[:-1])
+    return _run_row_loss("skd_loss", backend, student_logits, teacher_logits, flat_target,
+                        temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
+                        reduction=reduction, ignore_index=ignore_index)
 
 
 def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
@@ -109,10 +114,8 @@ def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     _check_logit_pair(student_logits, teacher_logits)
     _check_distill_options(temperature, alpha, reduction, target)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
-    op = resolve(backend, "partial_teacher_loss", student_logits.device)
-    loss = op(_rows(student_logits), _rows(teacher_logits), flat_target,
-              temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
-    return _unflatten(loss, reduction, student_logits.shape[:-1])
+    return _run_row_loss("partial_teacher_loss", backend, student_logits, teacher_logits, flat_target,
+                        temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
 
 
 def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0.1,
@@ -124,10 +127,8 @@ def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, 
     _checks.in_unit_interval("smoothing", smoothing)
     _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
-    op = resolve(backend, "label_smoothing_loss", student_logits.device)
-    loss = op(_rows(student_logits), flat_target, smoothing=smoothing, reduction=reduction,
-              ignore_index=ignore_index)
-    return _unflatten(loss, reduction, student_logits.shape[:-1])
+    return _run_row_loss("label_smoothing_loss", backend, student_logits, None, flat_target,
+                        smoothing=smoothing, reduction=reduction, ignore_index=ignore_index)
 
 
 def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
@@ -141,10 +142,9 @@ def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     _checks.positive("eps", eps)
     _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
-    op = resolve(backend, "reweighted_ce_loss", student_logits.device)
-    loss = op(_rows(student_logits), _rows(teacher_logits), flat_target,
-              alpha=alpha, temperature=temperature, eps=eps, reduction=reduction, ignore_index=ignore_index)
-    return _unflatten(loss, reduction, student_logits.shape[:-1])
+    return _run_row_loss("reweighted_ce_loss", backend, student_logits, teacher_logits, flat_target,
+                        alpha=alpha, temperature=temperature, eps=eps, reduction=reduction,
+                        ignore_index=ignore_index)
 
 
 def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor,
