@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast import reference
+from kdfast import fused_linear as fused_linear_module
 from kdfast.fused_linear import default_chunk_size
 
 BACKENDS = ["reference"] + [name for name in kdfast.available_backends("kd_loss", "cpu") if name != "reference"]
@@ -159,3 +160,24 @@ def test_default_chunk_size_rule():
     assert default_chunk_size(4096, 32000, 1024) == 256        # at least 256 rows for efficient GEMMs
     assert default_chunk_size(5, 100, 1000) == 5                # never more than N
     assert default_chunk_size(0, 10, 10) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("native", [False, True], ids=["fp32-gemm", "native-gemm"])
+def test_low_precision_gemm_choice_on_cpu(monkeypatch, dtype, native):
+    """CPUs without bf16/fp16 matrix instructions run the chunk GEMMs in fp32, the others natively;
+    both paths (the second forced here) match the oracle."""
+    monkeypatch.setattr(fused_linear_module, "_cpu_has_matrix_unit", lambda _dtype: native)
+    assert fused_linear_module.matmul_dtype(dtype, torch.device("cpu")) == (dtype if native else torch.float32)
+    assert fused_linear_module.matmul_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    assert fused_linear_module.matmul_dtype(dtype, torch.device("meta")) == dtype
+    student, teacher, target = problem(dtype=dtype)
+    tolerance = TOLERANCE[torch.bfloat16]
+    ours, our_leaves = fused(kdfast.fused_linear_skd_loss, student, teacher, target, alpha=0.5, chunk_size=4)
+    theirs, their_leaves = materialised("skd_loss", student, teacher, target, alpha=0.5)
+    (ours * 1.5).backward()
+    (theirs * 1.5).backward()
+    torch.testing.assert_close(ours.double(), theirs.detach(), **tolerance)
+    for name in our_leaves:
+        assert our_leaves[name].grad.dtype == dtype
+        torch.testing.assert_close(our_leaves[name].grad.double(), their_leaves[name].grad, **tolerance)
