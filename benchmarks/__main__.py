@@ -38,6 +38,10 @@ def parse(argv):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--families", nargs="+", choices=tuple(FAMILIES), default=tuple(FAMILIES))
+    parser.add_argument("--kernels", nargs="+", choices=sorted({k.name for f in FAMILIES.values() for k in f.kernels}),
+                        help="only these kernels (e.g. fused_linear_kd_loss; default: all)")
+    parser.add_argument("--single-sample-after", type=float, default=120.0,
+                        help="seconds: a forward+backward slower than this is measured once (default 120)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     parser.add_argument("--compile", choices=("all", "largest", "none"),
                         help="which shapes get a torch.compile baseline (compiling costs 5–40 s per shape on CPU); "
@@ -62,7 +66,8 @@ def main(argv=None) -> dict:
                     families=tuple(args.families), modes=tuple(args.modes),
                     compile=args.compile or ("none" if args.scaling else compile_default),
                     min_run_time=args.min_run_time if args.min_run_time is not None else run_time_default,
-                    threads=args.threads, memory=not args.no_memory)
+                    threads=args.threads, memory=not args.no_memory, single_sample_after=args.single_sample_after,
+                    kernels=tuple(args.kernels) if args.kernels else None)
     if args.plan:
         notes: list = []
         for case in plan(config, notes):

@@ -46,6 +46,10 @@ class Config:
     min_run_time: float = 0.2                  # seconds of timing per (case, mode), at least 3 samples
     threads: Optional[int] = None              # None: 1 thread for small shapes, all cores otherwise
     memory: bool = True
+    #: a step slower than this (seconds) is measured once, not repeated: see ``run_case``
+    single_sample_after: float = 120.0
+    #: kernels to run (by name); None: every kernel of the chosen families
+    kernels: Optional[tuple[str, ...]] = None
     #: more providers per kernel (e.g. a stand-in fused backend in the smoke test)
     extra_providers: Optional[Callable[[Kernel, torch.device], list[Provider]]] = None
     progress: bool = True
@@ -101,6 +105,8 @@ def plan(config: Config, notes: list[str]) -> list[Case]:
         family = FAMILIES[family_name]
         shapes = [family.shape(values) for values in family.sizes[config.sweep]]
         for kernel in family.kernels:
+            if config.kernels is not None and kernel.name not in config.kernels:
+                continue
             providers = providers_for(kernel, config.device, compile_=config.compile != "none", notes=notes)
             if config.extra_providers is not None:
                 providers += config.extra_providers(kernel, config.device)
@@ -135,6 +141,13 @@ def too_big(case: Case, config: Config, learned: dict) -> str:
     return ""
 
 
+def _memory_rows(meta: dict, case: Case, peak: int, live: int) -> list[dict]:
+    return [_row(meta, case, "full", "memory", "MiB", (peak / 2**20,) * 3,
+                 "peak allocated during forward+backward, inputs included"),
+            _row(meta, case, "full", "memory_extra", "MiB", ((peak - live) / 2**20,) * 3,
+                 "peak allocated during forward+backward on top of the inputs")]
+
+
 def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: dict, notes: list[str],
              modes: tuple[str, ...], memory: bool) -> list[dict]:
     """Every mode of one case; [] with a note when it is estimated not to fit or it fails."""
@@ -163,15 +176,39 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
                 for tensor in differentiable:
                     tensor.grad = None
 
-            started = time.perf_counter()
-            clear()
-            full()                   # first call: compiles where the provider compiles
-            first_call = time.perf_counter() - started
-            clear()
-            full()
+            live = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+
+            def profiled_step():
+                """(seconds, peak bytes or None) of one forward+backward; under the profiler when
+                memory is measured (its cost, microseconds per op, is nothing next to a slow step)."""
+                clear()
+                started = time.perf_counter()
+                peak = peak_step_bytes(full, device=config.device, live_bytes=live) if memory else full()
+                return time.perf_counter() - started, peak
+
+            # first call: compiles where the provider compiles
+            first_call, first_peak = profiled_step() if provider.kind != "compile" else (None, None)
             if provider.kind == "compile":
+                started = time.perf_counter()
+                clear()
+                full()
+                first_call = time.perf_counter() - started
                 rows.append(_row(meta, case, "full", "compile_time", "s", (first_call,) * 3,
                                  "first forward+backward, compile included"))
+            if first_call > config.single_sample_after:
+                # minutes per step (e.g. bf16 matmuls without bf16 instructions on CPU): one timed,
+                # profiled step is the measurement; the first one when nothing was compiled in it
+                seconds, peak = (first_call, first_peak) if provider.kind != "compile" else profiled_step()
+                note = f"one sample: a step takes {seconds:.0f} s" + \
+                    (" (the first call)" if provider.kind != "compile" else "")
+                notes.append(f"{label}: {note}; only forward+backward timed")
+                rows.append(_row(meta, case, "full", "time", "ms", (seconds * 1e3,) * 3, note))
+                if memory:
+                    rows.extend(_memory_rows(meta, case, peak, live))
+                    learned[key] = 1.1 * peak / unit
+                return rows
+            clear()
+            full()
             timing = dict(device=config.device, threads=case.threads, min_run_time=config.min_run_time)
             for mode in modes:
                 if mode == "forward":
@@ -191,12 +228,8 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
                                      tuple(rate / copy for rate in rates), f"copy bandwidth {copy:.2f} GB/s"))
             if memory:
                 clear()
-                live = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
                 peak = peak_step_bytes(full, device=config.device, live_bytes=live)
-                rows.append(_row(meta, case, "full", "memory", "MiB", (peak / 2**20,) * 3,
-                                 "peak allocated during forward+backward, inputs included"))
-                rows.append(_row(meta, case, "full", "memory_extra", "MiB", ((peak - live) / 2**20,) * 3,
-                                 "peak allocated during forward+backward on top of the inputs"))
+                rows.extend(_memory_rows(meta, case, peak, live))
                 learned[key] = 1.1 * peak / unit
     except Exception as error:  # one failing provider must not end the run: note it and go on
         if config.device.type == "cuda":

@@ -91,3 +91,19 @@ def test_scaling_sweep_reports_time_per_element():
     per_element = [row for row in result.rows if row["metric"] == "ns_per_element"]
     assert {row["x_name"].split()[0] for row in per_element} == {"N", "V"}
     assert all(row["p50"] > 0 for row in per_element)
+
+
+def test_slow_steps_are_measured_once_and_kernels_can_be_chosen():
+    """A step slower than ``single_sample_after`` gets one forward+backward time (the profiled
+    first call) and its memory from the same step; --kernels limits the run."""
+    config = Config(sweep="tiny", device=torch.device("cpu"), compile="none", min_run_time=0.002, threads=1,
+                    families=("fused-linear",), kernels=("fused_linear_kd_loss",), single_sample_after=0.0,
+                    progress=False)
+    result = run(config)
+    rows = [row for row in result.rows if row["family"] == "fused-linear"]
+    assert {row["kernel"] for row in rows} == {"fused_linear_kd_loss"}
+    times = [row for row in rows if row["metric"] == "time"]
+    assert times and {row["mode"] for row in times} == {"full"}
+    assert all("one sample" in row["note"] and row["p50"] > 0 for row in times)
+    assert {row["provider"] for row in rows if row["metric"] == "memory_extra"} == {row["provider"] for row in times}
+    assert any("one sample" in note for note in result.notes)
