@@ -44,6 +44,11 @@ CUDA_SOURCES = ["csrc/cuda/rowsoftmax.cu", "csrc/cuda/feature_centre.cu", "csrc/
 #: flags every C++ TU gets (torch's own extension flags add -std=c++20 and the ABI define);
 #: -fno-math-errno lets std::sqrt/std::exp compile to instructions instead of errno-setting calls
 CXX_FLAGS = ["-O3", "-fno-math-errno"]
+#: the Tensor glue calls at::parallel_for, whose OpenMP body ATen compiles inline into *this* TU:
+#: without -fopenmp it silently runs on one thread (measured: the KD kernel took as long with 2
+#: threads as with 1). Linking needs no -lgomp of its own: the libgomp.so.1 that torch loads first
+#: (bundled in torch/lib) provides the symbols, so the process keeps a single OpenMP runtime.
+OPENMP_FLAGS = ["-fopenmp"]
 #: CUDA architectures compiled into the CUDA extension: Ampere and Hopper, plus PTX for newer GPUs
 NVCC_FLAGS = ["-O3", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
               "-gencode", "arch=compute_90,code=compute_90"]
@@ -95,7 +100,7 @@ def _extensions():
                 return list(pool.map(compile_one, jobs))
 
     cpu = CppExtension("kdfast._C", CPU_SOURCES, include_dirs=[os.path.join(ROOT, CSRC)],
-                       extra_compile_args={"cxx": CXX_FLAGS})
+                       extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS})
     cpu.capability_sources = CAPABILITY_SOURCES
     extensions = [cpu]
     if torch.version.cuda and shutil.which("nvcc"):

@@ -23,6 +23,7 @@ TORCH_LIBRARY(kdfast, m) {
       "landmark_gram(Tensor student_features, Tensor teacher_features, Tensor student_landmarks, "
       "Tensor teacher_landmarks, int kind, float beta) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_capability() -> str", &kdfast::cpu::capability);
+  m.def("cpu_parallel_threads_used() -> int", &kdfast::cpu::parallel_threads_used);
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {

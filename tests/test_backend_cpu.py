@@ -349,6 +349,13 @@ def test_auto_picks_cpu_for_cpu_tensors():
     assert cpu.unavailable_reason(torch.device("meta")) is not None
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: nothing to split")
+def test_row_loops_run_on_every_torch_thread():
+    """at::parallel_for is inlined into the extension: built without OpenMP it silently runs on
+    one thread (it did, until setup.py added -fopenmp)."""
+    assert torch.ops.kdfast.cpu_parallel_threads_used() == torch.get_num_threads()
+
+
 def test_every_instruction_set_build_agrees():
     """The builds this CPU can run (KDFAST_CPU_CAPABILITY lowers the choice) give the same numbers."""
     script = (

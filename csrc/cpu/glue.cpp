@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <set>
 
 #include <sys/mman.h>
 
@@ -114,6 +116,17 @@ bool for_row_ranges(int64_t rows, int64_t row_elements, int64_t scratch_bytes, c
 }  // namespace
 
 std::string capability() { return kernels().name; }
+
+int64_t parallel_threads_used() {
+  // at::parallel_for is compiled into this TU: count the threads it really hands rows to
+  std::mutex lock;
+  std::set<int> threads;
+  at::parallel_for(0, 4096, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> guard(lock);
+    threads.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(threads.size());
+}
 
 std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
                                                const std::optional<at::Tensor>& target, int64_t normalize,

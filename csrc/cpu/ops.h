@@ -30,5 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
 
 //: the instruction set the row kernels run with: "avx512", "avx2" or "default"
 std::string capability();
+//: distinct threads one at::parallel_for over many rows runs on (1 means the glue was built without OpenMP)
+int64_t parallel_threads_used();
 
 }  // namespace kdfast::cpu
