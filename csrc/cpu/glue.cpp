@@ -12,6 +12,7 @@
 
 #include <sys/mman.h>
 
+#include "../glue_common.h"
 #include "kernels.h"
 #include "ops.h"
 
@@ -62,19 +63,8 @@ const KernelSet& kernels() {
   return chosen;
 }
 
-ElementType element_type(const at::Tensor& tensor, const char* op) {
-  switch (tensor.scalar_type()) {
-    case at::kFloat: return ElementType::kFloat32;
-    case at::kDouble: return ElementType::kFloat64;
-    case at::kBFloat16: return ElementType::kBFloat16;
-    case at::kHalf: return ElementType::kFloat16;
-    default: TORCH_CHECK(false, op, ": expected a float32, float64, bfloat16 or float16 tensor, got ", tensor.scalar_type());
-  }
-}
-
-at::ScalarType loss_type(const at::Tensor& tensor) {
-  return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+using glue::element_type;
+using glue::loss_type;
 
 at::Tensor checked_target(const at::Tensor& target, int64_t rows, const char* op) {
   TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows, op,
@@ -137,20 +127,17 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
   constexpr const char* op = "kdfast::row_softmax";
   TORCH_CHECK(student.dim() == 2 && student.size(1) > 0, op, ": student must be [rows, classes>0], got ",
               student.sizes());
-  TORCH_CHECK(normalize >= kNormNone && normalize <= kNormStandardize, op, ": unknown normalize code ", normalize);
-  TORCH_CHECK(teacher_mode >= kTeacherNone && teacher_mode <= kTeacherPartial, op, ": unknown teacher code ",
-              teacher_mode);
-  TORCH_CHECK(temperature > 0 && multiplier > 0 && eps > 0, op, ": temperature, multiplier and eps must be > 0");
   const int64_t rows = student.size(0), classes = student.size(1);
   RowSoftmaxArgs args;
+  glue::set_row_softmax_options(args, op, rows, classes, normalize, multiplier, eps, temperature, teacher_mode,
+                                kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps,
+                                ignore_index);
   args.type = element_type(student, op);
   const at::Tensor student_c = student.contiguous();
 
-  const bool kl = kl_weight != 0 && teacher_mode != kTeacherNone;
-  const bool needs_teacher = kl || (reweight && ce_weight != 0);
-  const bool needs_label = ce_weight != 0 || (kl && teacher_mode == kTeacherPartial);
+  const glue::RowSoftmaxInputs needs = glue::row_softmax_inputs(teacher_mode, kl_weight, ce_weight, reweight);
   at::Tensor teacher_c, target_c;
-  if (needs_teacher) {
+  if (needs.teacher) {
     TORCH_CHECK(teacher.has_value(), op, ": this mode needs teacher logits");
     TORCH_CHECK(teacher->sizes() == student.sizes(), op, ": teacher shape ", teacher->sizes(),
                 " differs from student shape ", student.sizes());
@@ -161,27 +148,13 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
     target_c = checked_target(*target, rows, op);
     args.target = target_c.data_ptr<int64_t>();
   }
-  TORCH_CHECK(!needs_label || target.has_value(), op, ": this mode needs a target");
+  TORCH_CHECK(!needs.label || target.has_value(), op, ": this mode needs a target");
 
   at::Tensor grad = empty_gradient(student_c);
   at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
   args.student = student_c.data_ptr();
   args.grad = grad.data_ptr();
   args.loss = loss.data_ptr();
-  args.rows = rows;
-  args.classes = classes;
-  args.normalize = static_cast<int>(normalize);
-  args.teacher_mode = static_cast<int>(teacher_mode);
-  args.multiplier = multiplier;
-  args.eps = eps;
-  args.temperature = temperature;
-  args.kl_weight = kl_weight;
-  args.ce_weight = ce_weight;
-  args.uniform_weight = uniform_weight;
-  args.reweight = reweight;
-  args.reweight_alpha = reweight_alpha;
-  args.reweight_eps = reweight_eps;
-  args.ignore_index = ignore_index;
 
   const RowSoftmaxFn kernel = kernels().row_softmax;
   const bool ok = for_row_ranges(rows, classes, row_softmax_scratch_bytes(classes),

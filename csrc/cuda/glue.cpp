@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../glue_common.h"
 #include "launchers.h"
 
 namespace kdfast::cuda {
@@ -21,19 +22,8 @@ namespace {
 //: landmark_gram kind codes (csrc/cpu/ops.h)
 constexpr int64_t kGramSmoothL1 = 0, kGramSquared = 1;
 
-ElementType element_type(const at::Tensor& tensor, const char* op) {
-  switch (tensor.scalar_type()) {
-    case at::kFloat: return ElementType::kFloat32;
-    case at::kDouble: return ElementType::kFloat64;
-    case at::kBFloat16: return ElementType::kBFloat16;
-    case at::kHalf: return ElementType::kFloat16;
-    default: TORCH_CHECK(false, op, ": expected a float32, float64, bfloat16 or float16 tensor, got ", tensor.scalar_type());
-  }
-}
-
-at::ScalarType loss_type(const at::Tensor& tensor) {
-  return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+using glue::element_type;
+using glue::loss_type;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -56,18 +46,17 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
   constexpr const char* op = "kdfast::row_softmax (cuda)";
   TORCH_CHECK(student.dim() == 2 && student.size(1) > 0, op, ": student must be [rows, classes>0], got ",
               student.sizes());
-  TORCH_CHECK(normalize >= 0 && normalize <= 3 && teacher_mode >= 0 && teacher_mode <= 2, op, ": unknown mode");
-  TORCH_CHECK(temperature > 0 && multiplier > 0 && eps > 0, op, ": temperature, multiplier and eps must be > 0");
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t rows = student.size(0), classes = student.size(1);
   RowSoftmaxArgs args;
+  glue::set_row_softmax_options(args, op, rows, classes, normalize, multiplier, eps, temperature, teacher_mode,
+                                kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps,
+                                ignore_index);
   args.type = element_type(student, op);
   const at::Tensor student_c = student.contiguous();
-  const bool kl = kl_weight != 0 && teacher_mode != 0;
-  const bool needs_teacher = kl || (reweight && ce_weight != 0);
-  const bool needs_label = ce_weight != 0 || (kl && teacher_mode == 2);
+  const glue::RowSoftmaxInputs needs = glue::row_softmax_inputs(teacher_mode, kl_weight, ce_weight, reweight);
   at::Tensor teacher_c, target_c;
-  if (needs_teacher) {
+  if (needs.teacher) {
     TORCH_CHECK(teacher.has_value() && teacher->sizes() == student.sizes(), op,
                 ": this mode needs teacher logits shaped like the student's");
     teacher_c = teacher->to(student.scalar_type()).contiguous();
@@ -78,30 +67,16 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                 ": target must be int64 of shape [", rows, "]");
     target_c = target->contiguous();
     args.target = target_c.data_ptr<int64_t>();
-    if (needs_label) {
+    if (needs.label) {
       assert_labels(target_c, 0, classes, ignore_index, "kdfast::row_softmax: target outside [0, classes)");
     }
   }
-  TORCH_CHECK(!needs_label || target.has_value(), op, ": this mode needs a target");
+  TORCH_CHECK(!needs.label || target.has_value(), op, ": this mode needs a target");
   at::Tensor grad = at::empty_like(student_c);
   at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
   args.student = student_c.data_ptr();
   args.grad = grad.data_ptr();
   args.loss = loss.data_ptr();
-  args.rows = rows;
-  args.classes = classes;
-  args.normalize = static_cast<int>(normalize);
-  args.teacher_mode = static_cast<int>(teacher_mode);
-  args.multiplier = multiplier;
-  args.eps = eps;
-  args.temperature = temperature;
-  args.kl_weight = kl_weight;
-  args.ce_weight = ce_weight;
-  args.uniform_weight = uniform_weight;
-  args.reweight = reweight;
-  args.reweight_alpha = reweight_alpha;
-  args.reweight_eps = reweight_eps;
-  args.ignore_index = ignore_index;
   C10_CUDA_CHECK(launch_row_softmax(args, current_stream()));
   return {loss, grad};
 }

@@ -1,0 +1,71 @@
+// Tensor-side pieces the CPU and CUDA glue (csrc/cpu/glue.cpp, csrc/cuda/glue.cpp) share: the
+// element-type code of a tensor, the dtype of the per-row losses, which inputs a row-softmax mode
+// reads, and the copy of the op's scalar options into RowSoftmaxArgs. Header-only (ATen + the raw
+// kernel interface), so both extensions compile it into their own glue.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "cpu/kernels.h"
+
+namespace kdfast::glue {
+
+using cpu::ElementType;
+using cpu::RowSoftmaxArgs;
+
+inline ElementType element_type(const at::Tensor& tensor, const char* op) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat: return ElementType::kFloat32;
+    case at::kDouble: return ElementType::kFloat64;
+    case at::kBFloat16: return ElementType::kBFloat16;
+    case at::kHalf: return ElementType::kFloat16;
+    default:
+      TORCH_CHECK(false, op, ": expected a float32, float64, bfloat16 or float16 tensor, got ", tensor.scalar_type());
+  }
+}
+
+//: per-row losses are fp32, or fp64 for fp64 inputs
+inline at::ScalarType loss_type(const at::Tensor& tensor) {
+  return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+//: which optional inputs a row-softmax mode reads
+struct RowSoftmaxInputs {
+  bool teacher = false;  // a KL term, or the re-weighted CE (its weight comes from the teacher)
+  bool label = false;    // a CE term, or KD-pt (its target distribution keeps the true class)
+};
+
+inline RowSoftmaxInputs row_softmax_inputs(int64_t teacher_mode, double kl_weight, double ce_weight, bool reweight) {
+  const bool kl = kl_weight != 0 && teacher_mode != cpu::kTeacherNone;
+  return {kl || (reweight && ce_weight != 0), ce_weight != 0 || (kl && teacher_mode == cpu::kTeacherPartial)};
+}
+
+// Validates the mode codes and scalars of torch.ops.kdfast.row_softmax and stores them in args
+// (the tensor pointers are the caller's business).
+inline void set_row_softmax_options(RowSoftmaxArgs& args, const char* op, int64_t rows, int64_t classes,
+                                    int64_t normalize, double multiplier, double eps, double temperature,
+                                    int64_t teacher_mode, double kl_weight, double ce_weight, double uniform_weight,
+                                    bool reweight, double reweight_alpha, double reweight_eps,
+                                    int64_t ignore_index) {
+  TORCH_CHECK(normalize >= cpu::kNormNone && normalize <= cpu::kNormStandardize, op, ": unknown normalize code ",
+              normalize);
+  TORCH_CHECK(teacher_mode >= cpu::kTeacherNone && teacher_mode <= cpu::kTeacherPartial, op,
+              ": unknown teacher code ", teacher_mode);
+  TORCH_CHECK(temperature > 0 && multiplier > 0 && eps > 0, op, ": temperature, multiplier and eps must be > 0");
+  args.rows = rows;
+  args.classes = classes;
+  args.normalize = static_cast<int>(normalize);
+  args.teacher_mode = static_cast<int>(teacher_mode);
+  args.multiplier = multiplier;
+  args.eps = eps;
+  args.temperature = temperature;
+  args.kl_weight = kl_weight;
+  args.ce_weight = ce_weight;
+  args.uniform_weight = uniform_weight;
+  args.reweight = reweight;
+  args.reweight_alpha = reweight_alpha;
+  args.reweight_eps = reweight_eps;
+  args.ignore_index = ignore_index;
+}
+
+}  // namespace kdfast::glue
