@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "cpu/kernels.h"
 
 namespace kdfast::glue {
@@ -66,6 +68,47 @@ inline void set_row_softmax_options(RowSoftmaxArgs& args, const char* op, int64_
   args.reweight_alpha = reweight_alpha;
   args.reweight_eps = reweight_eps;
   args.ignore_index = ignore_index;
+}
+
+// One row-softmax launch: the options in args, the tensors it reads made contiguous (teacher in the
+// student's dtype) and their pointers in args. Outputs and the label range check are the caller's.
+struct RowSoftmaxCall {
+  RowSoftmaxArgs args;
+  RowSoftmaxInputs needs;
+  at::Tensor student, teacher, target;  // kept alive for the launch
+};
+
+inline RowSoftmaxCall prepare_row_softmax(const char* op, const at::Tensor& student,
+                                          const std::optional<at::Tensor>& teacher,
+                                          const std::optional<at::Tensor>& target, int64_t normalize,
+                                          double multiplier, double eps, double temperature, int64_t teacher_mode,
+                                          double kl_weight, double ce_weight, double uniform_weight, bool reweight,
+                                          double reweight_alpha, double reweight_eps, int64_t ignore_index) {
+  TORCH_CHECK(student.dim() == 2 && student.size(1) > 0, op, ": student must be [rows, classes>0], got ",
+              student.sizes());
+  const int64_t rows = student.size(0), classes = student.size(1);
+  RowSoftmaxCall call;
+  set_row_softmax_options(call.args, op, rows, classes, normalize, multiplier, eps, temperature, teacher_mode,
+                          kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps, ignore_index);
+  call.args.type = element_type(student, op);
+  call.student = student.contiguous();
+  call.args.student = call.student.data_ptr();
+  call.needs = row_softmax_inputs(teacher_mode, kl_weight, ce_weight, reweight);
+  if (call.needs.teacher) {
+    TORCH_CHECK(teacher.has_value(), op, ": this mode needs teacher logits");
+    TORCH_CHECK(teacher->sizes() == student.sizes(), op, ": teacher shape ", teacher->sizes(),
+                " differs from student shape ", student.sizes());
+    call.teacher = teacher->to(student.scalar_type()).contiguous();
+    call.args.teacher = call.teacher.data_ptr();
+  }
+  if (target.has_value()) {
+    TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == rows, op,
+                ": target must be int64 of shape [", rows, "], got ", target->scalar_type(), " ", target->sizes());
+    call.target = target->contiguous();
+    call.args.target = call.target.data_ptr<int64_t>();
+  }
+  TORCH_CHECK(!call.needs.label || target.has_value(), op, ": this mode needs a target");
+  return call;
 }
 
 }  // namespace kdfast::glue

@@ -125,34 +125,14 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                double uniform_weight, bool reweight, double reweight_alpha,
                                                double reweight_eps, int64_t ignore_index) {
   constexpr const char* op = "kdfast::row_softmax";
-  TORCH_CHECK(student.dim() == 2 && student.size(1) > 0, op, ": student must be [rows, classes>0], got ",
-              student.sizes());
-  const int64_t rows = student.size(0), classes = student.size(1);
-  RowSoftmaxArgs args;
-  glue::set_row_softmax_options(args, op, rows, classes, normalize, multiplier, eps, temperature, teacher_mode,
-                                kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps,
-                                ignore_index);
-  args.type = element_type(student, op);
-  const at::Tensor student_c = student.contiguous();
-
-  const glue::RowSoftmaxInputs needs = glue::row_softmax_inputs(teacher_mode, kl_weight, ce_weight, reweight);
-  at::Tensor teacher_c, target_c;
-  if (needs.teacher) {
-    TORCH_CHECK(teacher.has_value(), op, ": this mode needs teacher logits");
-    TORCH_CHECK(teacher->sizes() == student.sizes(), op, ": teacher shape ", teacher->sizes(),
-                " differs from student shape ", student.sizes());
-    teacher_c = teacher->to(student.scalar_type()).contiguous();
-    args.teacher = teacher_c.data_ptr();
-  }
-  if (target.has_value()) {
-    target_c = checked_target(*target, rows, op);
-    args.target = target_c.data_ptr<int64_t>();
-  }
-  TORCH_CHECK(!needs.label || target.has_value(), op, ": this mode needs a target");
-
-  at::Tensor grad = empty_gradient(student_c);
+  glue::RowSoftmaxCall call = glue::prepare_row_softmax(op, student, teacher, target, normalize, multiplier, eps,
+                                                        temperature, teacher_mode, kl_weight, ce_weight,
+                                                        uniform_weight, reweight, reweight_alpha, reweight_eps,
+                                                        ignore_index);
+  RowSoftmaxArgs& args = call.args;
+  const int64_t rows = args.rows, classes = args.classes;
+  at::Tensor grad = empty_gradient(call.student);
   at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
-  args.student = student_c.data_ptr();
   args.grad = grad.data_ptr();
   args.loss = loss.data_ptr();
 

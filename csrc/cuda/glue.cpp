@@ -44,37 +44,17 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                double uniform_weight, bool reweight, double reweight_alpha,
                                                double reweight_eps, int64_t ignore_index) {
   constexpr const char* op = "kdfast::row_softmax (cuda)";
-  TORCH_CHECK(student.dim() == 2 && student.size(1) > 0, op, ": student must be [rows, classes>0], got ",
-              student.sizes());
   const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t rows = student.size(0), classes = student.size(1);
-  RowSoftmaxArgs args;
-  glue::set_row_softmax_options(args, op, rows, classes, normalize, multiplier, eps, temperature, teacher_mode,
-                                kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps,
-                                ignore_index);
-  args.type = element_type(student, op);
-  const at::Tensor student_c = student.contiguous();
-  const glue::RowSoftmaxInputs needs = glue::row_softmax_inputs(teacher_mode, kl_weight, ce_weight, reweight);
-  at::Tensor teacher_c, target_c;
-  if (needs.teacher) {
-    TORCH_CHECK(teacher.has_value() && teacher->sizes() == student.sizes(), op,
-                ": this mode needs teacher logits shaped like the student's");
-    teacher_c = teacher->to(student.scalar_type()).contiguous();
-    args.teacher = teacher_c.data_ptr();
+  glue::RowSoftmaxCall call = glue::prepare_row_softmax(op, student, teacher, target, normalize, multiplier, eps,
+                                                        temperature, teacher_mode, kl_weight, ce_weight,
+                                                        uniform_weight, reweight, reweight_alpha, reweight_eps,
+                                                        ignore_index);
+  RowSoftmaxArgs& args = call.args;
+  if (call.target.defined() && call.needs.label) {
+    assert_labels(call.target, 0, args.classes, ignore_index, "kdfast::row_softmax: target outside [0, classes)");
   }
-  if (target.has_value()) {
-    TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == rows, op,
-                ": target must be int64 of shape [", rows, "]");
-    target_c = target->contiguous();
-    args.target = target_c.data_ptr<int64_t>();
-    if (needs.label) {
-      assert_labels(target_c, 0, classes, ignore_index, "kdfast::row_softmax: target outside [0, classes)");
-    }
-  }
-  TORCH_CHECK(!needs.label || target.has_value(), op, ": this mode needs a target");
-  at::Tensor grad = at::empty_like(student_c);
-  at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
-  args.student = student_c.data_ptr();
+  at::Tensor grad = at::empty_like(call.student);
+  at::Tensor loss = at::empty({args.rows}, student.options().dtype(loss_type(student)));
   args.grad = grad.data_ptr();
   args.loss = loss.data_ptr();
   C10_CUDA_CHECK(launch_row_softmax(args, current_stream()));
