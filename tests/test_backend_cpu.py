@@ -369,6 +369,35 @@ def test_row_loops_run_on_every_torch_thread():
     assert torch.ops.kdfast.cpu_parallel_threads_used() == torch.get_num_threads()
 
 
+def test_opt_in_gradient_reuse_never_hands_out_a_live_gradient():
+    """KDFAST_CPU_REUSE_GRADIENT=1: a big gradient block is handed out again only once nothing
+    refers to it, and a training loop through autograd stays exact."""
+    script = (
+        "import torch, kdfast\n"
+        "from kdfast.backends import cpu\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "s, t = torch.randn(1024, 8192, generator=g), torch.randn(1024, 8192, generator=g)\n"  # 32 MiB: reused size
+        "op = lambda: torch.ops.kdfast.row_softmax(s, t, None, 0, 1.0, 1e-7, 4.0, 1, 1.0, 0.0, 0.0, False, 0.0, 0.0, -100)[1]\n"
+        "g1 = op(); first = g1.data_ptr(); expected = g1.clone()\n"
+        "g2 = op()\n"
+        "assert g2.data_ptr() != first, 'a live gradient was handed out again'\n"
+        "assert torch.equal(g1, expected)\n"
+        "del g1\n"
+        "g3 = op()\n"
+        "assert g3.data_ptr() == first, 'the idle block was not reused'\n"
+        "assert torch.equal(g3, expected) and torch.equal(g2, expected)\n"
+        "del g2, g3\n"
+        "ref = s.clone().requires_grad_(); kdfast.kd_loss(ref, t, backend='reference').backward()\n"
+        "for step in range(3):\n"
+        "    x = s.clone().requires_grad_()\n"
+        "    kdfast.kd_loss(x, t, backend='cpu').backward()\n"
+        "    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-9)\n"
+    )
+    env = dict(os.environ, KDFAST_CPU_REUSE_GRADIENT="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_every_instruction_set_build_agrees():
     """The builds this CPU can run (KDFAST_CPU_CAPABILITY lowers the choice) give the same numbers."""
     script = (

@@ -7,8 +7,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <algorithm>
 #include <mutex>
 #include <set>
+#include <vector>
 
 #include <sys/mman.h>
 
@@ -72,23 +74,73 @@ at::Tensor checked_target(const at::Tensor& target, int64_t rows, const char* op
   return target.contiguous();
 }
 
-// A fresh gradient buffer. The kernels write each gradient once, so for big ones the cost is the
-// first touch of fresh pages: with 4 KB pages the page faults alone run at ~1 GB/s on the
-// project's machines, slower than the kernel. Advising MADV_HUGEPAGE (THP in "madvise" mode, the
-// common default) on the 2 MB-aligned part of the block before anything touches it takes 512×
-// fewer faults. The block still comes from torch's allocator (2 MB larger, to fit the aligned
-// part), so the profiler and memory accounting see it like any other tensor. Below 32 MB (glibc's
-// largest mmap threshold) the allocator reuses already-touched heap memory, so nothing is done.
-at::Tensor empty_gradient(const at::Tensor& like) {
-  const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
-  if (bytes < kHugePageMinBytes) return at::empty_like(like, at::MemoryFormat::Contiguous);
+// Gradient buffers. The kernels write each gradient once, so for big ones the cost is the first
+// touch of fresh pages: with 4 KB pages the page faults alone run at ~1 GB/s on the project's
+// machines, slower than the kernel. Advising MADV_HUGEPAGE (THP in "madvise" mode, the common
+// default) on the 2 MB-aligned part of the block before anything touches it takes 512× fewer
+// faults. The block still comes from torch's allocator (2 MB larger, to fit the aligned part), so
+// the profiler and memory accounting see it like any other tensor. Below 32 MB (glibc's largest
+// mmap threshold) the allocator reuses already-touched heap memory, so nothing is done.
+at::Tensor huge_page_block(int64_t bytes, const at::TensorOptions& options) {
   const int64_t page = static_cast<int64_t>(kHugePageBytes);
-  at::Tensor block = at::empty({bytes + page}, like.options().dtype(at::kByte));
+  at::Tensor block = at::empty({bytes + page}, options.dtype(at::kByte));
   const auto address = reinterpret_cast<uintptr_t>(block.data_ptr());
   const int64_t offset = static_cast<int64_t>((page - address % page) % page);
   const size_t advised = static_cast<size_t>((bytes + page - offset) / page * page);  // whole pages inside
   madvise(block.data_ptr<uint8_t>() + offset, advised, MADV_HUGEPAGE);  // advice only: ignored without THP
+  return block;
+}
+
+//: the gradient of `like`'s shape and dtype inside a block from huge_page_block (a view of it)
+at::Tensor gradient_view(const at::Tensor& block, const at::Tensor& like) {
+  const int64_t page = static_cast<int64_t>(kHugePageBytes);
+  const int64_t bytes = block.numel() - page;
+  const auto address = reinterpret_cast<uintptr_t>(block.data_ptr());
+  const int64_t offset = static_cast<int64_t>((page - address % page) % page);
   return block.narrow(0, offset, bytes).view(like.scalar_type()).view(like.sizes());
+}
+
+// Opt-in (KDFAST_CPU_REUSE_GRADIENT=1): big gradient blocks are kept after use and handed out again
+// once no tensor refers to them any more, so a training loop stops paying the OS for freshly
+// zeroed pages on every step (50–70 ms per 524 MB on the project's machines). The price: up to
+// kReusedBlocks blocks stay allocated between steps, and the profiler sees them allocated once.
+// "Idle" means the kept handle is the storage's only owner; a gradient whose storage Python has
+// wrapped (Tensor.untyped_storage()) may keep an owner and then simply is not reused.
+constexpr size_t kReusedBlocks = 2;
+
+bool reuse_requested() {
+  static const bool requested = [] {
+    const char* value = std::getenv("KDFAST_CPU_REUSE_GRADIENT");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  return requested;
+}
+
+at::Tensor reused_gradient(int64_t bytes, const at::Tensor& like) {
+  static std::mutex lock;
+  static std::vector<at::Tensor> blocks;  // storage referenced here and by every live view of it
+  const std::lock_guard<std::mutex> guard(lock);
+  const int64_t block_bytes = bytes + static_cast<int64_t>(kHugePageBytes);
+  const auto idle = [](const at::Tensor& block) { return block.storage().use_count() == 1; };
+  for (const at::Tensor& block : blocks) {
+    // the view is made under the lock, so no other caller can see this block idle meanwhile
+    if (block.numel() == block_bytes && idle(block)) return gradient_view(block, like);
+  }
+  at::Tensor block = huge_page_block(bytes, like.options());
+  if (blocks.size() >= kReusedBlocks) {
+    const auto old = std::find_if(blocks.begin(), blocks.end(), idle);
+    if (old == blocks.end()) return gradient_view(block, like);  // all kept blocks busy: not kept
+    blocks.erase(old);
+  }
+  blocks.push_back(block);
+  return gradient_view(block, like);
+}
+
+at::Tensor empty_gradient(const at::Tensor& like) {
+  const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
+  if (bytes < kHugePageMinBytes) return at::empty_like(like, at::MemoryFormat::Contiguous);
+  if (reuse_requested()) return reused_gradient(bytes, like);
+  return gradient_view(huge_page_block(bytes, like.options()), like);
 }
 
 // Runs `body(begin, end, scratch)` over row ranges, each task with its own uninitialised scratch.
