@@ -1,7 +1,8 @@
 // Tensor-side pieces the CPU and CUDA glue (csrc/cpu/glue.cpp, csrc/cuda/glue.cpp) share: the
-// element-type code of a tensor, the dtype of the per-row losses, which inputs a row-softmax mode
-// reads, and the copy of the op's scalar options into RowSoftmaxArgs. Header-only (ATen + the raw
-// kernel interface), so both extensions compile it into their own glue.
+// element-type code of a tensor, the dtype of the per-row losses, the label tensor's check, and
+// the whole row-softmax prologue (options, which inputs a mode reads, contiguous inputs and their
+// pointers). Header-only (ATen + the raw kernel interface), so both extensions compile it into
+// their own glue.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +30,13 @@ inline ElementType element_type(const at::Tensor& tensor, const char* op) {
 //: per-row losses are fp32, or fp64 for fp64 inputs
 inline at::ScalarType loss_type(const at::Tensor& tensor) {
   return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+//: the labels as contiguous int64 [rows], or an error naming the op (their range is the caller's check)
+inline at::Tensor checked_target(const at::Tensor& target, int64_t rows, const char* op) {
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows, op,
+              ": target must be int64 of shape [", rows, "], got ", target.scalar_type(), " ", target.sizes());
+  return target.contiguous();
 }
 
 //: which optional inputs a row-softmax mode reads
@@ -102,9 +110,7 @@ inline RowSoftmaxCall prepare_row_softmax(const char* op, const at::Tensor& stud
     call.args.teacher = call.teacher.data_ptr();
   }
   if (target.has_value()) {
-    TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == rows, op,
-                ": target must be int64 of shape [", rows, "], got ", target->scalar_type(), " ", target->sizes());
-    call.target = target->contiguous();
+    call.target = checked_target(*target, rows, op);
     call.args.target = call.target.data_ptr<int64_t>();
   }
   TORCH_CHECK(!call.needs.label || target.has_value(), op, ": this mode needs a target");

@@ -4,10 +4,10 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <algorithm>
 #include <mutex>
 #include <set>
 #include <vector>
@@ -65,14 +65,9 @@ const KernelSet& kernels() {
   return chosen;
 }
 
+using glue::checked_target;
 using glue::element_type;
 using glue::loss_type;
-
-at::Tensor checked_target(const at::Tensor& target, int64_t rows, const char* op) {
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows, op,
-              ": target must be int64 of shape [", rows, "], got ", target.scalar_type(), " ", target.sizes());
-  return target.contiguous();
-}
 
 // Gradient buffers. The kernels write each gradient once, so for big ones the cost is the first
 // touch of fresh pages: with 4 KB pages the page faults alone run at ~1 GB/s on the project's
@@ -81,11 +76,16 @@ at::Tensor checked_target(const at::Tensor& target, int64_t rows, const char* op
 // faults. The block still comes from torch's allocator (2 MB larger, to fit the aligned part), so
 // the profiler and memory accounting see it like any other tensor. Below 32 MB (glibc's largest
 // mmap threshold) the allocator reuses already-touched heap memory, so nothing is done.
+//: bytes from the start of `block` to its first 2 MB boundary
+int64_t huge_page_offset(const at::Tensor& block) {
+  const auto address = reinterpret_cast<uintptr_t>(block.data_ptr());
+  return static_cast<int64_t>((kHugePageBytes - address % kHugePageBytes) % kHugePageBytes);
+}
+
 at::Tensor huge_page_block(int64_t bytes, const at::TensorOptions& options) {
   const int64_t page = static_cast<int64_t>(kHugePageBytes);
   at::Tensor block = at::empty({bytes + page}, options.dtype(at::kByte));
-  const auto address = reinterpret_cast<uintptr_t>(block.data_ptr());
-  const int64_t offset = static_cast<int64_t>((page - address % page) % page);
+  const int64_t offset = huge_page_offset(block);
   const size_t advised = static_cast<size_t>((bytes + page - offset) / page * page);  // whole pages inside
   madvise(block.data_ptr<uint8_t>() + offset, advised, MADV_HUGEPAGE);  // advice only: ignored without THP
   return block;
@@ -93,11 +93,8 @@ at::Tensor huge_page_block(int64_t bytes, const at::TensorOptions& options) {
 
 //: the gradient of `like`'s shape and dtype inside a block from huge_page_block (a view of it)
 at::Tensor gradient_view(const at::Tensor& block, const at::Tensor& like) {
-  const int64_t page = static_cast<int64_t>(kHugePageBytes);
-  const int64_t bytes = block.numel() - page;
-  const auto address = reinterpret_cast<uintptr_t>(block.data_ptr());
-  const int64_t offset = static_cast<int64_t>((page - address % page) % page);
-  return block.narrow(0, offset, bytes).view(like.scalar_type()).view(like.sizes());
+  const int64_t bytes = block.numel() - static_cast<int64_t>(kHugePageBytes);
+  return block.narrow(0, huge_page_offset(block), bytes).view(like.scalar_type()).view(like.sizes());
 }
 
 // Opt-in (KDFAST_CPU_REUSE_GRADIENT=1): big gradient blocks are kept after use and handed out again

@@ -68,15 +68,13 @@ std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, con
               ": student and teacher features must be 2-D and alike");
   TORCH_CHECK(centres.dim() == 2 && centres.size(1) == student.size(1), op, ": centres must be [classes, ",
               student.size(1), "]");
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == student.size(0), op,
-              ": target must be int64 of shape [", student.size(0), "]");
   const c10::cuda::CUDAGuard guard(student.device());
   FeatureCentreArgs args;
   args.type = element_type(student, op);
   const at::Tensor student_c = student.contiguous();
   const at::Tensor teacher_c = teacher.to(student.scalar_type()).contiguous();
   const at::Tensor centres_c = centres.to(student.scalar_type()).contiguous();
-  const at::Tensor target_c = target.contiguous();
+  const at::Tensor target_c = glue::checked_target(target, student.size(0), op);
   assert_labels(target_c, 0, centres_c.size(0), std::nullopt, "kdfast::feature_centre: target outside the centres");
   at::Tensor grad = at::empty_like(student_c);
   at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(loss_type(student)));
