@@ -178,29 +178,25 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
 
             live = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
 
-            def profiled_step():
-                """(seconds, peak bytes or None) of one forward+backward; under the profiler when
-                memory is measured (its cost, microseconds per op, is nothing next to a slow step)."""
+            def timed_step(profile: bool):
+                """(seconds, peak bytes or None) of one forward+backward, under the profiler when
+                ``profile`` (its cost, microseconds per op, is nothing next to a slow step)."""
                 clear()
                 started = time.perf_counter()
-                peak = peak_step_bytes(full, device=config.device, live_bytes=live) if memory else full()
+                peak = peak_step_bytes(full, device=config.device, live_bytes=live) if profile else full()
                 return time.perf_counter() - started, peak
 
-            # first call: compiles where the provider compiles
-            first_call, first_peak = profiled_step() if provider.kind != "compile" else (None, None)
-            if provider.kind == "compile":
-                started = time.perf_counter()
-                clear()
-                full()
-                first_call = time.perf_counter() - started
+            # first call: compiles where the provider compiles (then it is no measurement)
+            compiles = provider.kind == "compile"
+            first_call, first_peak = timed_step(profile=memory and not compiles)
+            if compiles:
                 rows.append(_row(meta, case, "full", "compile_time", "s", (first_call,) * 3,
                                  "first forward+backward, compile included"))
             if first_call > config.single_sample_after:
                 # minutes per step (e.g. bf16 matmuls without bf16 instructions on CPU): one timed,
                 # profiled step is the measurement; the first one when nothing was compiled in it
-                seconds, peak = (first_call, first_peak) if provider.kind != "compile" else profiled_step()
-                note = f"one sample: a step takes {seconds:.0f} s" + \
-                    (" (the first call)" if provider.kind != "compile" else "")
+                seconds, peak = timed_step(profile=memory) if compiles else (first_call, first_peak)
+                note = f"one sample: a step takes {seconds:.0f} s" + ("" if compiles else " (the first call)")
                 notes.append(f"{label}: {note}; only forward+backward timed")
                 rows.append(_row(meta, case, "full", "time", "ms", (seconds * 1e3,) * 3, note))
                 if memory:
@@ -265,10 +261,14 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows + ratios
 
 
+def _copy_run_time(config: Config) -> float:
+    """Seconds of timing per copy-bandwidth measurement (at least 0.3 s outside the smoke test)."""
+    return config.min_run_time if config.sweep == "tiny" else max(config.min_run_time, 0.3)
+
+
 def measure_bandwidth(config: Config, thread_counts) -> dict:
     size = COPY_BYTES[config.sweep]
-    run_time = config.min_run_time if config.sweep == "tiny" else max(config.min_run_time, 0.3)
-    return {threads: copy_bandwidth(config.device, size, threads, run_time)
+    return {threads: copy_bandwidth(config.device, size, threads, _copy_run_time(config))
             for threads in sorted(set(thread_counts))}
 
 
@@ -284,8 +284,7 @@ def run(config: Config) -> Result:
     for case in bar:
         bar.set_postfix_str(f"{case.kernel.name} {case.provider.name} {case.family.describe(case.shape)}")
         rows += run_case(case, config, meta, bandwidth, learned, notes, config.modes, config.memory)
-    run_time = config.min_run_time if config.sweep == "tiny" else max(config.min_run_time, 0.3)
-    fresh = {threads: fresh_copy_bandwidth(config.device, COPY_BYTES[config.sweep], threads, run_time)
+    fresh = {threads: fresh_copy_bandwidth(config.device, COPY_BYTES[config.sweep], threads, _copy_run_time(config))
              for threads in bandwidth}
     row_meta = dict(meta)  # before fresh_copy is added: rows hold scalars only
     for kernel, rates, how in (("copy", bandwidth, "dst.copy_(src)"), ("clone", fresh, "src.clone(), fresh memory")):
