@@ -131,6 +131,22 @@ def test_row_wide_logit_range_float32(case):
     compare(name, student, teacher, target, options)
 
 
+@pytest.mark.parametrize("classes", [8001, 8])
+def test_row_softmax_tail_entries_keep_their_relative_precision(classes):
+    """Every softmax entry, not only the large ones, to within a few ulp plus the rounding of its
+    log-argument: the CE gradient off the label is p itself, here over p = 1 … e^-85 (the fp32 exp
+    rounds its base-2 argument and its slope log2 e, each worth up to |x|·2^-24 of exp(x))."""
+    logits = torch.linspace(-85.0, 0.0, classes, dtype=torch.float64).flip(0).unsqueeze(0)
+    target = torch.tensor([classes - 1])
+    x = logits.float().requires_grad_()
+    kdfast.label_smoothing_loss(x, target, smoothing=0.0, reduction="sum", backend="cpu").backward()
+    p = torch.softmax(logits.float().double(), dim=-1)[0, :-1]
+    relative = (x.grad[0, :-1].double() - p).abs() / p
+    allowed = 4e-7 + 2 * 2.0**-24 * p.log().abs()
+    worst = (relative / allowed).max().item()
+    assert worst <= 1, f"relative error up to {worst:.2f}x the allowance"
+
+
 @pytest.mark.parametrize("name,options", [("kd_loss", dict(alpha=0.5)), ("skd_loss", dict()),
                                           ("partial_teacher_loss", dict())])
 def test_row_large_classes(name, options):

@@ -69,13 +69,13 @@ template <typename acc_t>
 void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms, acc_t at, acc_t mt,
                 acc_t* bs, acc_t* bt, acc_t& zs_sum, acc_t& zt_sum, acc_t& weighted) {
   using Vec = Vectorized<acc_t>;
-  const Vec vas(as), vms(ms), vat(at), vmt(mt);
+  const ScaledExp<acc_t> student_exp(as, ms), teacher_exp(at, mt);
   Vec vzs(0), vzt(0), vw(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec ls = (Vec::loadu(zs + i) - vms) * vas;
-    const Vec lt = (Vec::loadu(zt + i) - vmt) * vat;
-    const Vec es = fast_exp(ls), et = fast_exp(lt);
+    const Vec ls = student_exp.arg(Vec::loadu(zs + i));
+    const Vec lt = teacher_exp.arg(Vec::loadu(zt + i));
+    const Vec es = student_exp(ls), et = teacher_exp(lt);
     es.store(bs + i);
     et.store(bt + i);
     vzs = vzs + es;
@@ -84,16 +84,16 @@ void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms,
   }
   acc_t s_sum = horizontal_sum(vzs), t_sum = horizontal_sum(vzt), w = horizontal_sum(vw);
   for (; i < n; ++i) {
-    const acc_t ls = (zs[i] - ms) * as, lt = (zt[i] - mt) * at;
-    bs[i] = std::exp(ls);
-    bt[i] = std::exp(lt);
+    const acc_t ls = student_exp.arg(zs[i]), lt = teacher_exp.arg(zt[i]);
+    bs[i] = student_exp(ls);
+    bt[i] = teacher_exp(lt);
     s_sum += bs[i];
     t_sum += bt[i];
     w += bt[i] * (lt - ls);
   }
   zs_sum = s_sum;
   zt_sum = t_sum;
-  weighted = w;
+  weighted = w * ScaledExp<acc_t>::kNatsPerUnit;
 }
 
 // g = k0 + cs·bs − ct·bt + c1·b1 (each term only when its row exists), written to out (which may

@@ -50,42 +50,58 @@ inline acc_t horizontal_max(const Vectorized<acc_t>& v) {
   return best;
 }
 
-//: ln of the smallest normal float: below it exp(x) is flushed to 0
-constexpr float kLnFloatMin = -87.33654f;
+//: log2(e) and ln(2), in double so that the fp32 constants derived from them round once
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
 
-// exp(x) for x ≤ 0 in fp32 — every caller passes scale·(z − row max) with scale > 0. Without an
-// overflow branch it needs 16 vector ops, against ~25 for ATen's exp_u20 (the softmax kernels are
-// bound by their exps once the gradient store is cheap): exp(x) = 2^n·e^r with n = round(x·log2 e),
-// r = x − n·ln 2 (ln 2 split in two so that n·ln2_high is exact) and e^r, |r| ≤ ln2/2, by its
-// degree-6 Taylor polynomial (truncation ≤ 1.2e-7 relative: about 1 ulp, tighter than exp_u20's 20);
-// 2^n is written straight into the exponent bits. Results below ln(FLT_MIN) (also −inf and NaN)
-// are 0, as exp_u20 gives for its underflow.
-inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
+// 2^x for x ≤ 0 in fp32 (a caller's x may exceed 0 by a rounding error; that is fine). Every
+// softmax exp goes through here, and on AVX2 the kernels are bound by the multiply/FMA ports:
+// 2^x = 2^n·2^f with n = round(x), f = x − n ∈ [−½, ½] exact, and 2^f by its degree-5 minimax
+// polynomial (relative error ≤ 1.1e-7, about 2 ulp; coefficients fitted for this range) — 7
+// multiply-class ops against 11 for e^x with a Cody–Waite reduction by ln 2. 2^n is written straight
+// into the exponent bits. Results below 2^−126 (also −inf and NaN) are 0, as exp_u20's underflow.
+inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
   using IntVec = Vectorized<int32_t>;
-  const Vec n = (x * Vec(1.44269504088896341f)).round();
-  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);
-  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
-  Vec p(1.0f / 720);
-  p = at::vec::fmadd(p, r, Vec(1.0f / 120));
-  p = at::vec::fmadd(p, r, Vec(1.0f / 24));
-  p = at::vec::fmadd(p, r, Vec(1.0f / 6));
-  p = at::vec::fmadd(p, r, Vec(0.5f));
-  p = at::vec::fmadd(p, r, Vec(1.0f));
-  p = at::vec::fmadd(p, r, Vec(1.0f));
+  const Vec n = x.round();
+  const Vec f = x - n;
+  Vec p(0.001326472731307149f);
+  p = at::vec::fmadd(p, f, Vec(0.009671512991189957f));
+  p = at::vec::fmadd(p, f, Vec(0.05550733581185341f));
+  p = at::vec::fmadd(p, f, Vec(0.24022242426872253f));
+  p = at::vec::fmadd(p, f, Vec(0.6931470036506653f));
+  p = at::vec::fmadd(p, f, Vec(1.0f));
   const IntVec exponent = (at::vec::convert_to_int_of_same_size(n) + IntVec(127)) << IntVec(23);
-  return Vec::blendv(Vec(0.0f), p * at::vec::cast<float>(exponent), x >= Vec(kLnFloatMin));
+  return Vec::blendv(Vec(0.0f), p * at::vec::cast<float>(exponent), x >= Vec(-126.0f));
 }
 
-// exp of x ≤ 0 (see exp_nonpositive); fp64 rows keep ATen's exp.
+// exp(scale·(z − shift)) for z ≤ shift and scale > 0 — the softmax numerators. The log-argument
+// arg = (z − shift)·slope is in "units": base 2 for fp32 (slope = scale·log2 e, then
+// exp2_nonpositive), nats for fp64 (ATen's exp); a sum of arguments times kNatsPerUnit is in nats.
+// z − shift is exact near the row max, so the largest entries are as exact as with a natural exp;
+// the slope's rounding is a relative 6e-8 of each argument, the size of the rounding of z/T itself.
 template <typename acc_t>
-inline Vectorized<acc_t> fast_exp(const Vectorized<acc_t>& x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return exp_nonpositive(x);
-  } else {
-    return x.exp_u20();
+struct ScaledExp {
+  using Vec = Vectorized<acc_t>;
+  static constexpr bool kBase2 = std::is_same_v<acc_t, float>;
+  static constexpr acc_t kNatsPerUnit = kBase2 ? static_cast<acc_t>(kLn2) : acc_t(1);
+
+  ScaledExp(acc_t scale, acc_t shift)
+      : slope_(static_cast<acc_t>(kBase2 ? double(scale) * kLog2e : double(scale))), shift_(shift) {}
+  Vec arg(const Vec& z) const { return (z - Vec(shift_)) * Vec(slope_); }
+  acc_t arg(acc_t z) const { return (z - shift_) * slope_; }
+  Vec operator()(const Vec& arg) const {
+    if constexpr (kBase2) {
+      return exp2_nonpositive(arg);
+    } else {
+      return arg.exp_u20();
+    }
   }
-}
+  acc_t operator()(acc_t arg) const { return kBase2 ? std::exp2(arg) : std::exp(arg); }
+
+ private:
+  acc_t slope_, shift_;
+};
 
 // A row in accumulation precision: the input itself when it already is, else widened into buffer.
 template <typename scalar_t, typename acc_t>
@@ -136,27 +152,44 @@ inline acc_t row_max(const acc_t* x, int64_t n) {
   return best;
 }
 
+// Reductions keep four independent vector accumulators: with one, every step waits for the
+// previous add (3–4 cycles of latency) while the loads could go at two per cycle.
+constexpr int kLanesOfAccumulators = 4;
+
 // max, sum and (optionally) sum of squares in the one pass that reads the row from memory.
 template <typename acc_t>
 inline void row_max_sum(const acc_t* x, int64_t n, acc_t& max_out, acc_t& sum_out, acc_t* sumsq_out) {
   using Vec = Vectorized<acc_t>;
-  Vec vmax(kNegInf<acc_t>), vsum(0), vsq(0);
+  constexpr int kAcc = kLanesOfAccumulators;
+  constexpr int64_t kStep = kAcc * Vec::size();
+  Vec vmax[kAcc], vsum[kAcc], vsq[kAcc];
+  for (int k = 0; k < kAcc; ++k) {
+    vmax[k] = Vec(kNegInf<acc_t>);
+    vsum[k] = Vec(0);
+    vsq[k] = Vec(0);
+  }
+  const bool squares_wanted = sumsq_out != nullptr;
   int64_t i = 0;
-  if (sumsq_out != nullptr) {
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec v = Vec::loadu(x + i);
-      vmax = at::vec::maximum(vmax, v);
-      vsum = vsum + v;
-      vsq = at::vec::fmadd(v, v, vsq);
-    }
-  } else {
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec v = Vec::loadu(x + i);
-      vmax = at::vec::maximum(vmax, v);
-      vsum = vsum + v;
+  for (; i + kStep <= n; i += kStep) {
+    for (int k = 0; k < kAcc; ++k) {
+      const Vec v = Vec::loadu(x + i + k * Vec::size());
+      vmax[k] = at::vec::maximum(vmax[k], v);
+      vsum[k] = vsum[k] + v;
+      if (squares_wanted) vsq[k] = at::vec::fmadd(v, v, vsq[k]);
     }
   }
-  acc_t best = horizontal_max(vmax), total = horizontal_sum(vsum), squares = horizontal_sum(vsq);
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec v = Vec::loadu(x + i);
+    vmax[0] = at::vec::maximum(vmax[0], v);
+    vsum[0] = vsum[0] + v;
+    if (squares_wanted) vsq[0] = at::vec::fmadd(v, v, vsq[0]);
+  }
+  for (int k = 1; k < kAcc; ++k) {
+    vmax[0] = at::vec::maximum(vmax[0], vmax[k]);
+    vsum[0] = vsum[0] + vsum[k];
+    vsq[0] = vsq[0] + vsq[k];
+  }
+  acc_t best = horizontal_max(vmax[0]), total = horizontal_sum(vsum[0]), squares = horizontal_sum(vsq[0]);
   for (; i < n; ++i) {
     best = std::max(best, x[i]);
     total += x[i];
@@ -164,21 +197,31 @@ inline void row_max_sum(const acc_t* x, int64_t n, acc_t& max_out, acc_t& sum_ou
   }
   max_out = best;
   sum_out = total;
-  if (sumsq_out != nullptr) *sumsq_out = squares;
+  if (squares_wanted) *sumsq_out = squares;
 }
 
 //: Σ (x − mean)² (the second pass of a two-pass variance; the row is in cache by now)
 template <typename acc_t>
 inline acc_t centred_squares(const acc_t* x, int64_t n, acc_t mean) {
   using Vec = Vectorized<acc_t>;
+  constexpr int kAcc = kLanesOfAccumulators;
+  constexpr int64_t kStep = kAcc * Vec::size();
   const Vec vmean(mean);
-  Vec vsq(0);
+  Vec vsq[kAcc];
+  for (int k = 0; k < kAcc; ++k) vsq[k] = Vec(0);
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec d = Vec::loadu(x + i) - vmean;
-    vsq = at::vec::fmadd(d, d, vsq);
+  for (; i + kStep <= n; i += kStep) {
+    for (int k = 0; k < kAcc; ++k) {
+      const Vec d = Vec::loadu(x + i + k * Vec::size()) - vmean;
+      vsq[k] = at::vec::fmadd(d, d, vsq[k]);
+    }
   }
-  acc_t squares = horizontal_sum(vsq);
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec d = Vec::loadu(x + i) - vmean;
+    vsq[0] = at::vec::fmadd(d, d, vsq[0]);
+  }
+  for (int k = 1; k < kAcc; ++k) vsq[0] = vsq[0] + vsq[k];
+  acc_t squares = horizontal_sum(vsq[0]);
   for (; i < n; ++i) squares += (x[i] - mean) * (x[i] - mean);
   return squares;
 }
@@ -187,17 +230,17 @@ inline acc_t centred_squares(const acc_t* x, int64_t n, acc_t mean) {
 template <typename acc_t>
 inline acc_t sum_exp(const acc_t* x, int64_t n, acc_t scale, acc_t shift, acc_t* out) {
   using Vec = Vectorized<acc_t>;
-  const Vec vscale(scale), vshift(shift);
+  const ScaledExp<acc_t> exp_of(scale, shift);
   Vec vsum(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec e = fast_exp((Vec::loadu(x + i) - vshift) * vscale);
+    const Vec e = exp_of(exp_of.arg(Vec::loadu(x + i)));
     if (out != nullptr) e.store(out + i);
     vsum = vsum + e;
   }
   acc_t total = horizontal_sum(vsum);
   for (; i < n; ++i) {
-    acc_t e = std::exp(scale * (x[i] - shift));
+    const acc_t e = exp_of(exp_of.arg(x[i]));
     if (out != nullptr) out[i] = e;
     total += e;
   }
