@@ -67,12 +67,13 @@ RowStats<acc_t> row_stats(const acc_t* z, int64_t n, int mode, acc_t kappa, acc_
 // KL(q‖p) = W/Zt + log(Zs/Zt). Teacher entries that underflow contribute 0 (0·log 0 = 0).
 template <typename acc_t>
 void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms, acc_t at, acc_t mt,
-                acc_t* bs, acc_t* bt, acc_t& zs_sum, acc_t& zt_sum, acc_t& weighted) {
+                acc_t* bs, acc_t* bt, acc_t& zs_sum, acc_t& zt_sum, acc_t& weighted, NextRowPrefetch& prefetch) {
   using Vec = Vectorized<acc_t>;
   const ScaledExp<acc_t> student_exp(as, ms), teacher_exp(at, mt);
   Vec vzs(0), vzt(0), vw(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
+    prefetch.step();
     const Vec ls = student_exp.arg(Vec::loadu(zs + i));
     const Vec lt = teacher_exp.arg(Vec::loadu(zt + i));
     const Vec es = student_exp(ls), et = teacher_exp(lt);
@@ -231,6 +232,13 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
       continue;
     }
 
+    NextRowPrefetch next;
+    if (r + 1 < end) {
+      next.first = reinterpret_cast<const char*>(student + (r + 1) * n);
+      next.second = teacher != nullptr ? reinterpret_cast<const char*>(teacher + (r + 1) * n) : nullptr;
+      next.bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+    }
+
     const acc_t* zs = widen_row(student + r * n, n, student_buffer);
     const RowStats<acc_t> s = row_stats(zs, n, a.normalize, kappa, eps);
     const acc_t scale_t = s.scale / temperature;  // student log-softmax at T: scale_t·(z − max) − log Zs
@@ -244,7 +252,7 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
       const RowStats<acc_t> t = row_stats(zt, n, a.normalize, kappa, eps);
       acc_t zt_sum, weighted;
       paired_exp(zs, zt, n, scale_t, s.max, t.scale / temperature, t.max, exp_student, exp_teacher, zs_sum, zt_sum,
-                 weighted);
+                 weighted, next);
       row_loss += kl_weight * (weighted / zt_sum + std::log(zs_sum / zt_sum));
       cs = kl_weight / (temperature * zs_sum);
       ct = kl_weight / (temperature * zt_sum);
@@ -266,7 +274,7 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
       const acc_t log_rho = log_true - log_total, log_not_rho = log_rest - log_total;
       const acc_t rho = std::exp(log_rho), not_rho = std::exp(log_not_rho);
 
-      zs_sum = sum_exp(zs, n, scale_t, s.max, exp_student);
+      zs_sum = sum_exp(zs, n, scale_t, s.max, exp_student, &next);
       const acc_t log_zs = std::log(zs_sum);
       const acc_t log_p_true = scale_t * (zs[y] - s.max) - log_zs;
       const acc_t sum_log_p = scale_t * (s.sum - n * s.max) - n * log_zs;
@@ -289,7 +297,7 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
       if (share_unit) {
         unit_sum = zs_sum;
       } else {
-        unit_sum = sum_exp(zs, n, s.scale, s.max, exp_unit);
+        unit_sum = sum_exp(zs, n, s.scale, s.max, exp_unit, &next);
       }
       const acc_t log_unit = std::log(unit_sum);
       if (ce) {
