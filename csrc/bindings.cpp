@@ -18,10 +18,11 @@ TORCH_LIBRARY(kdfast, m) {
       "float temperature, int teacher_mode, float kl_weight, float ce_weight, float uniform_weight, bool reweight, "
       "float reweight_alpha, float reweight_eps, int ignore_index) -> (Tensor, Tensor)");
   m.def("feature_centre(Tensor student, Tensor teacher, Tensor target, Tensor centres, float eps) -> (Tensor, Tensor)");
-  // kind: 0 smooth_l1, 1 sq_fro
+  // kind: 0 smooth_l1, 1 sq_fro; loss rows and gradient × weight, ÷ (‖S^t‖_F + eps) when normalize
   m.def(
       "landmark_gram(Tensor student_features, Tensor teacher_features, Tensor student_landmarks, "
-      "Tensor teacher_landmarks, int kind, float beta) -> (Tensor, Tensor, Tensor)");
+      "Tensor teacher_landmarks, int kind, float beta, float weight, bool normalize, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("cpu_capability() -> str", &kdfast::cpu::capability);
   m.def("cpu_parallel_threads_used() -> int", &kdfast::cpu::parallel_threads_used);
 }

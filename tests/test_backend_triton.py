@@ -411,7 +411,8 @@ def test_custom_ops_opcheck(device):
                           (u, ft, torch.tensor([0, 3, 1], device=device), centers, 1e-8, 0))
     fs, ft, cs, ct = _gram_inputs(3, 8, 6, 5, device, torch.float32)
     gram = (ft @ ct.T).contiguous()
-    torch.library.opcheck(torch.ops.kdfast.triton_landmark_gram.default, (fs, gram, cs, "smooth_l1", 1.0, 256))
+    scale = torch.tensor(0.25, device=device)
+    torch.library.opcheck(torch.ops.kdfast.triton_landmark_gram.default, (fs, gram, cs, scale, "smooth_l1", 1.0, 256))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -55,3 +55,36 @@ def test_folded_scale_with_and_without_a_target(backend, reduction):
         theirs = kdfast.kd_loss(student, teacher, labels, reduction=reduction, backend="reference")
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(torch.autograd.grad(ours, student)[0], torch.autograd.grad(theirs, student)[0])
+
+
+class _RecordedShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Shapes of the outputs of every aten op run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(value, torch.Tensor):
+                self.shapes.append((func, tuple(value.shape)))
+        return out
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction,normalize", [("sum", True), ("mean", True), ("mean", False)])
+def test_nystrom_factor_is_applied_in_the_kernel(backend, reduction, normalize):
+    """The mean's divisor and 1/(‖S^t‖_F + eps) reach the gradient inside the kernel (on the B×m
+    matrix G), so loss.backward() runs no op over the [B, d] gradient; values match the reference."""
+    generator = torch.Generator().manual_seed(3)
+    fs = torch.randn(6, 9, dtype=torch.float64, generator=generator, requires_grad=True)
+    ft, cs, ct = (torch.randn(shape, dtype=torch.float64, generator=generator) for shape in ((6, 7), (4, 9), (4, 7)))
+    options = dict(reduction=reduction, normalize=normalize, kind="smooth_l1", beta=0.5)
+    ours = kdfast.nystrom_loss(fs, ft, cs, ct, backend=backend, **options)
+    with _RecordedShapes() as recorded:
+        grad, = torch.autograd.grad(ours, fs)
+    assert not [func for func, shape in recorded.shapes if shape == (6, 9)], recorded.shapes
+    theirs = kdfast.nystrom_loss(fs, ft, cs, ct, backend="reference", **options)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(grad, torch.autograd.grad(theirs, fs)[0])

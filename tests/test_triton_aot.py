@@ -96,7 +96,7 @@ def _gram_configs():
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         meta = launch_config(torch_dtype, m, fused_limit)
         ptr = f"*{TYPE[dtype]}"
-        signature = dict(FS=ptr, CS=ptr, ST="*fp32", LOSS="*fp32", GRAD=ptr, GSCRATCH="*fp32", B="i32", M="i32",
+        signature = dict(FS=ptr, CS=ptr, ST="*fp32", SCALE="*fp32", LOSS="*fp32", GRAD=ptr, GSCRATCH="*fp32", B="i32", M="i32",
                          DS="i32", fs_row="i32", fs_col="constexpr", cs_row="i32", cs_col="constexpr", st_row="i32",
                          g_row="i32", gs_row="i32", beta="fp32")
         signature.update({name: "constexpr" for name in ("KIND", *meta)})

@@ -3,6 +3,8 @@
 //   S^s = F^s·C^sᵀ, S^t = F^t·C^tᵀ (two GEMMs through ATen's BLAS), then one fused pass over the
 //   B×m residual R = S^s − S^t that writes the per-row loss sums, the per-row Σ(S^t)² for ‖S^t‖_F
 //   and, in place of S^s, G = ∂ℓ/∂R (huber_β: clip(R/β, −1, 1); squared: 2R); finally ∂ℓ/∂F^s = G·C^s.
+// The contract's factor (weight, ÷ (‖S^t‖_F + eps) when normalising) goes on the loss rows and on the
+// B×m matrix G before the last GEMM, not on the B×d gradient after it.
 // The teacher side is computed once per call; the residual is never materialised separately.
 // Compiled once with default flags: the GEMMs dominate and BLAS dispatches on the CPU by itself.
 #include <ATen/ATen.h>
@@ -57,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                                              const at::Tensor& teacher_features,
                                                              const at::Tensor& student_landmarks,
                                                              const at::Tensor& teacher_landmarks, int64_t kind,
-                                                             double beta) {
+                                                             double beta, double weight, bool normalize, double eps) {
   TORCH_CHECK(student_features.dim() == 2 && teacher_features.dim() == 2 && student_landmarks.dim() == 2 &&
                   teacher_landmarks.dim() == 2,
               "kdfast::landmark_gram expects 2-D features and landmarks");
@@ -81,8 +83,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                 loss_rows.data_ptr<scalar_t>(), teacher_sq_rows.data_ptr<scalar_t>(), rows, landmarks,
                                 kind, static_cast<scalar_t>(beta));
   });
-  at::Tensor grad = at::mm(student_gram, cs).to(student_features.scalar_type());
   at::Tensor teacher_norm = teacher_sq_rows.sum().sqrt();
+  const double factor = normalize ? weight / (teacher_norm.item<double>() + eps) : weight;
+  if (factor != 1.0) {
+    student_gram.mul_(factor);
+    loss_rows.mul_(factor);
+  }
+  at::Tensor grad = at::mm(student_gram, cs).to(student_features.scalar_type());
   return {loss_rows, grad, teacher_norm};
 }
 

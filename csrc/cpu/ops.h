@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                                              const at::Tensor& teacher_features,
                                                              const at::Tensor& student_landmarks,
                                                              const at::Tensor& teacher_landmarks, int64_t kind,
-                                                             double beta);
+                                                             double beta, double weight, bool normalize, double eps);
 
 //: the instruction set the row kernels run with: "avx512", "avx2" or "default"
 std::string capability();

@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                                              const at::Tensor& teacher_features,
                                                              const at::Tensor& student_landmarks,
                                                              const at::Tensor& teacher_landmarks, int64_t kind,
-                                                             double beta) {
+                                                             double beta, double weight, bool normalize, double eps) {
   constexpr const char* op = "kdfast::landmark_gram (cuda)";
   TORCH_CHECK(kind == kGramSmoothL1 || kind == kGramSquared, op, ": unknown kind ", kind);
   TORCH_CHECK(student_features.dim() == 2 && teacher_features.dim() == 2 && student_landmarks.dim() == 2 &&
@@ -116,8 +116,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
   C10_CUDA_CHECK(launch_gram_epilogue(student_gram.data_ptr(), teacher_gram.data_ptr(), loss_rows.data_ptr(),
                                       teacher_sq_rows.data_ptr(), rows, landmarks, static_cast<int>(kind), beta,
                                       compute == at::kDouble, current_stream()));
+  // the contract's factor on G (B×m) before the last GEMM, as a device scalar (no sync)
+  at::Tensor teacher_norm = teacher_sq_rows.sum().sqrt();
+  if (normalize) {
+    const at::Tensor factor = at::reciprocal(teacher_norm + eps).mul_(weight);
+    student_gram.mul_(factor);
+    loss_rows.mul_(factor);
+  } else if (weight != 1.0) {
+    student_gram.mul_(weight);
+    loss_rows.mul_(weight);
+  }
   at::Tensor grad = at::mm(student_gram, cs).to(student_features.scalar_type());
-  return {loss_rows, grad, teacher_sq_rows.sum().sqrt()};
+  return {loss_rows, grad, teacher_norm};
 }
 
 }  // namespace

@@ -19,10 +19,12 @@ A backend supplies three kernels and gets the seven public losses from :func:`bu
 ``feature_centre(u [B,d], teacher_features [B,d], target [B] int64 (ignored rows replaced by 0),
 centers [C,d] raw, eps)`` → ``(loss_rows [B] fp32, grad [B,d])``: ND's 1 − ⟨u, ê_y⟩/max(‖u‖, ‖f^t‖, eps).
 
-``landmark_gram(Fs [B,ds], Ft [B,dt], Cs [m,ds], Ct [m,dt], kind, beta)`` with kind in
-``"smooth_l1"``, ``"sq_fro"`` → ``(loss_rows [B] fp32, grad [B,ds], teacher_gram_norm [] fp32)``:
-the per-row sums of huber_β(R) or R², R = Fs·Csᵀ − Ft·Ctᵀ, unnormalised; "fro" and the division by
-‖S^t‖_F are done here from these.
+``landmark_gram(Fs [B,ds], Ft [B,dt], Cs [m,ds], Ct [m,dt], kind, beta, weight, normalize, eps)``
+with kind in ``"smooth_l1"``, ``"sq_fro"`` → ``(loss_rows [B] fp32, grad [B,ds], teacher_gram_norm [] fp32)``:
+the per-row sums of huber_β(R) or R², R = Fs·Csᵀ − Ft·Ctᵀ, and their gradient, both multiplied by
+``weight`` and, with ``normalize``, divided by ‖S^t‖_F + eps — applied to G = ∂ℓ/∂R before the
+G·Cs GEMM, so that no pass over the [B, ds] gradient is needed. "fro" (a square root of the sum) is
+done here from unweighted sums.
 
 Reductions, the ignore mask and the dtype of the result follow the reference exactly (the same
 helper is used), so a backend only has to get the per-row numbers right.
@@ -186,22 +188,19 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
     def nystrom_loss(student_features, teacher_features, student_landmarks, teacher_landmarks, *,
                      kind="smooth_l1", normalize=True, reduction="sum", beta=1.0, eps=1e-12):
         dtype = compute_dtype(student_features.dtype)
-        row_kind = "sq_fro" if kind == "fro" else kind
         every_row = torch.ones(student_features.shape[0], dtype=torch.bool, device=student_features.device)
-        loss_rows, teacher_norm = KernelLoss.apply(student_features, every_row, landmark_gram,
-                                                   teacher_features.detach(),
-                                                   student_landmarks.detach(), teacher_landmarks.detach(),
-                                                   row_kind, beta)
+        arguments = (teacher_features.detach(), student_landmarks.detach(), teacher_landmarks.detach())
+        if kind == "fro":  # sqrt of the whole sum: the kernel's sums unweighted, the chain rule here
+            loss_rows, teacher_norm = KernelLoss.apply(student_features, every_row, landmark_gram, *arguments,
+                                                       "sq_fro", beta, 1.0, False, eps)
+            scale = 1 / (teacher_norm.to(dtype) + eps) if normalize else 1.0
+            return loss_rows.to(dtype).sum().clamp_min(torch.finfo(dtype).tiny).sqrt() * scale
+        # the kernel applies the mean's divisor and the normalisation, so loss.backward() needs no pass
+        weight = 1 / max(student_features.shape[0] * student_landmarks.shape[0], 1) if reduction == "mean" else 1.0
+        loss_rows, _ = KernelLoss.apply(student_features, every_row, landmark_gram, *arguments, kind, beta,
+                                        weight, normalize, eps)
         loss_rows = loss_rows.to(dtype)
-        scale = 1 / (teacher_norm.to(dtype) + eps) if normalize else 1.0
-        if kind == "fro":
-            return loss_rows.sum().clamp_min(torch.finfo(dtype).tiny).sqrt() * scale
-        loss_rows = loss_rows * scale
-        if reduction == "none":
-            return loss_rows
-        if reduction == "sum":
-            return loss_rows.sum()
-        return loss_rows.sum() / max(student_features.shape[0] * student_landmarks.shape[0], 1)
+        return loss_rows if reduction == "none" else loss_rows.sum()
 
     return dict(kd_loss=kd_loss, skd_loss=skd_loss, partial_teacher_loss=partial_teacher_loss,
                 label_smoothing_loss=label_smoothing_loss, reweighted_ce_loss=reweighted_ce_loss,

@@ -47,7 +47,8 @@ def _register_fakes(namespace: str = "kdfast") -> None:
                 torch.empty_like(student, memory_format=torch.contiguous_format))
 
     @torch.library.register_fake(f"{namespace}::landmark_gram")
-    def _landmark_gram_fake(student_features, teacher_features, student_landmarks, teacher_landmarks, kind, beta):
+    def _landmark_gram_fake(student_features, teacher_features, student_landmarks, teacher_landmarks, kind, beta,
+                            weight, normalize, eps):
         dtype = _loss_dtype(student_features.dtype)
         return (student_features.new_empty(student_features.shape[0], dtype=dtype),
                 torch.empty_like(student_features, memory_format=torch.contiguous_format),
@@ -72,9 +73,11 @@ def feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, target: torc
 
 
 def landmark_gram(student_features: torch.Tensor, teacher_features: torch.Tensor, student_landmarks: torch.Tensor,
-                  teacher_landmarks: torch.Tensor, kind: str, beta: float):
+                  teacher_landmarks: torch.Tensor, kind: str, beta: float, weight: float = 1.0, normalize: bool = False,
+                  eps: float = 0.0):
     return torch.ops.kdfast.landmark_gram(student_features, teacher_features, student_landmarks, teacher_landmarks,
-                                          GRAM_KIND_CODES[kind], float(beta))
+                                          GRAM_KIND_CODES[kind], float(beta), float(weight), bool(normalize),
+                                          float(eps))
 
 
 def capability() -> str:

@@ -7,7 +7,8 @@ usual case: m = number of classes ≤ 256) G stays in registers and the gradient
 same program; otherwise G is written to an fp32 [B, m] scratch and a second kernel multiplies.
 
 The teacher side S^t = F^t·C^tᵀ and ‖S^t‖_F are a torch matmul (computed once per batch, no
-gradient). Tiles are padded to 16 with masked loads because ``tl.dot`` needs every dimension ≥ 16.
+gradient); the contract's factor weight/(‖S^t‖_F + eps) is read by the kernel from a device scalar
+and applied to the loss rows and to G before G·C^s, so no pass over the [B, d] gradient follows. Tiles are padded to 16 with masked loads because ``tl.dot`` needs every dimension ≥ 16.
 """
 from __future__ import annotations
 
@@ -47,13 +48,14 @@ def _residual_epilogue(r, beta, KIND: tl.constexpr):
 
 
 @triton.jit
-def _gram_kernel(FS, CS, ST, LOSS, GRAD, GSCRATCH, B, M, DS,
+def _gram_kernel(FS, CS, ST, SCALE, LOSS, GRAD, GSCRATCH, B, M, DS,
                  fs_row, fs_col, cs_row, cs_col, st_row, g_row, gs_row, beta,
                  KIND: tl.constexpr, FUSED_GRAD: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
+    scale = tl.load(SCALE)
     loss_rows = tl.zeros([BLOCK_B], dtype=tl.float32)
     for m_start in range(0, M, BLOCK_M):
         lm = m_start + tl.arange(0, BLOCK_M)
@@ -74,7 +76,7 @@ def _gram_kernel(FS, CS, ST, LOSS, GRAD, GSCRATCH, B, M, DS,
         teacher = tl.load(ST + rows[:, None] * st_row + lm[None, :], mask=tile_mask, other=0.0)
         loss, g = _residual_epilogue(gram - teacher, beta, KIND)
         loss_rows += tl.sum(tl.where(tile_mask, loss, 0.0), axis=1)
-        g = tl.where(tile_mask, g, 0.0)
+        g = tl.where(tile_mask, g * scale, 0.0)
         if FUSED_GRAD:  # the only landmark tile: ∂ℓ/∂F^s = G·C^s straight from registers
             for d_start in range(0, DS, BLOCK_D):
                 ds = d_start + tl.arange(0, BLOCK_D)
@@ -86,7 +88,7 @@ def _gram_kernel(FS, CS, ST, LOSS, GRAD, GSCRATCH, B, M, DS,
                          mask=row_mask[:, None] & d_mask[None, :])
         else:
             tl.store(GSCRATCH + rows[:, None] * gs_row + lm[None, :], g, mask=tile_mask)
-    tl.store(LOSS + rows, loss_rows, mask=row_mask)
+    tl.store(LOSS + rows, loss_rows * scale, mask=row_mask)
 
 
 @triton.jit
@@ -124,9 +126,10 @@ def launch_config(dtype: torch.dtype, num_landmarks: int, max_fused_m: int = MAX
 
 
 @kernel_op("kdfast::triton_landmark_gram")
-def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch.Tensor, kind: str, beta: float,
-                         max_fused_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row loss sums fp32 [B], ∂/∂F^s [B, d_s]) of the residual F^s·C^sᵀ − teacher_gram."""
+def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch.Tensor, scale: torch.Tensor,
+                         kind: str, beta: float, max_fused_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row loss sums fp32 [B], ∂/∂F^s [B, d_s]) of the residual F^s·C^sᵀ − teacher_gram, both
+    multiplied by the fp32 scalar tensor ``scale``."""
     rows, dim = fs.shape
     landmarks = cs.shape[0]
     loss = torch.empty(rows, dtype=torch.float32, device=fs.device)
@@ -139,7 +142,7 @@ def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch
     fused = meta["FUSED_GRAD"]
     scratch = grad if fused else torch.empty((rows, landmarks), dtype=torch.float32, device=fs.device)
     launch(_gram_kernel, (triton.cdiv(rows, BLOCK_B),),
-        fs, cs, teacher_gram, loss, grad, scratch, rows, landmarks, dim,
+        fs, cs, teacher_gram, scale, loss, grad, scratch, rows, landmarks, dim,
         fs.stride(0), fs.stride(1), cs.stride(0), cs.stride(1), teacher_gram.stride(0), grad.stride(0),
         scratch.stride(0), beta, KIND=KIND_CODES[kind], num_warps=gram_warps(meta["BLOCK_M"]), **meta)
     if not fused:
@@ -151,6 +154,7 @@ def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch
 
 
 def landmark_gram(fs: torch.Tensor, ft: torch.Tensor, cs: torch.Tensor, ct: torch.Tensor, kind: str, beta: float,
+                  weight: float = 1.0, normalize: bool = False, eps: float = 0.0,
                   max_fused_m: int = MAX_FUSED_M) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The contract's landmark-Gram kernel (``_fused``). fp64 inputs are computed in fp32 (tl.dot
     has no fp64 path on every GPU we target) and the gradient is returned as fp64."""
@@ -158,6 +162,7 @@ def landmark_gram(fs: torch.Tensor, ft: torch.Tensor, cs: torch.Tensor, ct: torc
     # the teacher side: one matmul per batch, fp32 accumulate, no gradient
     teacher_gram = (ft.detach().to(torch.float32) @ ct.detach().to(torch.float32).T).contiguous()
     teacher_norm = torch.linalg.vector_norm(teacher_gram)
+    scale = weight / (teacher_norm + eps) if normalize else torch.full((), weight, device=fs.device)
     loss, grad = torch.ops.kdfast.triton_landmark_gram(fs.to(work_dtype), teacher_gram, cs.detach().to(work_dtype),
-                                                       kind, float(beta), int(max_fused_m))
+                                                       scale.to(torch.float32), kind, float(beta), int(max_fused_m))
     return loss, grad.to(fs.dtype), teacher_norm
