@@ -1,13 +1,14 @@
 // The row-softmax family on CPU (spec §0, §1, §4, §6 kernel A): KD, SKD (layernorm / l2 /
 // standardize), KD-pt, label smoothing, instance re-weighted CE — one kernel with modes.
 //
-// Per row, while it is cache-resident (a 32k-class fp32 row pair is 256 KB, well inside L2):
+// Per row, while it is cache-resident (a 32k-class fp32 row pair is 256 KB, inside a 512 KB+ L2):
 //   1. statistics: max and sum (and Σz² / Σ(z−μ)²) of the student and teacher rows;
 //   2. every normalisation is a positive affine map h = A·z + b, so softmax(h/T) only needs
 //      A/T and max z, and exp rows are written once into scratch together with their sums;
 //   3. loss from the sums, then g = ∂ℓ/∂h from the stored exps;
 //   4. the normalisation's backward, which is again affine: dz = A·g − k·(z − μ) − c.
-// Only the first pass reads from memory and only the gradient store writes to it.
+// Only the first pass reads from memory (the exp pass of the previous row has prefetched it) and
+// only the gradient store writes to it. Exps are 2^x in fp32 (ScaledExp in vec_helpers.h).
 //
 // Compiled once per instruction set (see setup.py); the glue in csrc/bindings.cpp picks one.
 #include "kernels.h"
