@@ -168,6 +168,26 @@ def test_float64_gradcheck():
         assert torch.autograd.gradcheck(loss, (student.clone().requires_grad_(),)), name
 
 
+@pytest.mark.parametrize("case,where", [(case, where) for case in ROW_CASES for where in ("student", "teacher")
+                                        if where == "student" or case[2]],
+                         ids=[f"{case_id}-{where}" for case, case_id in zip(ROW_CASES, ROW_IDS)
+                              for where in ("student", "teacher") if where == "student" or case[2]])
+def test_row_nan_logit_poisons_only_its_row(case, where):
+    """A NaN logit gives its row a NaN loss and NaN gradient wherever the reference has them (never
+    a finite value computed as if the entry were absent); the other rows keep their values."""
+    name, options, _, _ = case
+    student, teacher, target = row_inputs((3, 37), torch.float32)
+    (student if where == "student" else teacher)[0, 5] = float("nan")
+    options = dict(options, reduction="none")
+    loss, grad = call(name, student, teacher, target, options, "cpu")
+    ref_loss, ref_grad = call(name, student.double(), teacher.double(), target, options, "reference")
+    assert torch.equal(loss.isnan(), ref_loss.isnan()), (loss, ref_loss)
+    assert torch.equal(grad.isnan(), ref_grad.isnan()), (grad.isnan().sum(1), ref_grad.isnan().sum(1))
+    assert loss[2:].isfinite().all()
+    close(loss[2:], ref_loss[2:], LOSS_TOLERANCE[torch.float32], f"{name} loss")
+    close(grad[2:], ref_grad[2:], TOLERANCE[torch.float32], f"{name} grad")
+
+
 @pytest.mark.parametrize("case", ROW_CASES, ids=ROW_IDS)
 def test_row_all_rows_ignored(case):
     name, options, _, _ = case

@@ -141,6 +141,25 @@ def test_row_streamed_path_matches_reference(device, dtype, case):
     _check_against_reference(losses[name], name, student, teacher, target, options)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [0, 16])
+@pytest.mark.parametrize("case,where", [(case, where) for case, (_, _, has_teacher) in ROW_LOSSES.items()
+                                        for where in ("student", "teacher") if where == "student" or has_teacher])
+def test_row_nan_logit_poisons_only_its_row(device, case, where, block_size):
+    """A NaN logit makes its row's loss and gradient NaN wherever the reference has them (single
+    block and streamed path); the other rows are untouched."""
+    name, options, student, teacher, target = _case_inputs(case, 3, 40, device, torch.float32, ignored=(1,))
+    (student if where == "student" else teacher)[0, 5] = float("nan")
+    options = {**getattr(reference, name).__kwdefaults__, **options, "reduction": "none"}
+    losses = _fused.build_losses(functools.partial(row_softmax, block_size=block_size), feature_centre, landmark_gram)
+    loss, grad = _run(losses[name], name, student, teacher, target, options)
+    ref_loss, ref_grad = _run(getattr(reference, name), name, student.double(),
+                              None if teacher is None else teacher.double(), target, options)
+    assert torch.equal(loss.isnan().cpu(), ref_loss.isnan().cpu()), (loss, ref_loss)
+    assert torch.equal(grad.isnan().cpu(), ref_grad.isnan().cpu())
+    torch.testing.assert_close(loss[2:].double(), ref_loss[2:], atol=2e-5, rtol=1e-5)
+
+
 def test_row_block_heuristic():
     """Whole rows up to MAX_SINGLE_BLOCK in one block; longer rows streamed; a forced block wins."""
     from kdfast.backends.triton._common import MAX_SINGLE_BLOCK, STREAM_BLOCK, row_block

@@ -280,9 +280,9 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
       const acc_t log_p_true = scale_t * (zs[y] - s.max) - log_zs;
       const acc_t sum_log_p = scale_t * (s.sum - n * s.max) - n * log_zs;
       acc_t kl_value = 0;
-      if (rho > 0) kl_value += rho * (log_rho - log_p_true);  // 0·log 0 = 0
+      if (rho != 0) kl_value += rho * (log_rho - log_p_true);  // 0·log 0 = 0 (a NaN still counts)
       acc_t q_other = 0;
-      if (n > 1 && not_rho > 0) {
+      if (n > 1 && not_rho != 0) {
         const acc_t others = static_cast<acc_t>(n - 1);
         q_other = not_rho / others;
         kl_value += not_rho * (log_not_rho - std::log(others)) - q_other * (sum_log_p - log_p_true);

@@ -59,7 +59,8 @@ constexpr double kLn2 = 0.69314718055994530942;
 // 2^x = 2^n·2^f with n = round(x), f = x − n ∈ [−½, ½] exact, and 2^f by its degree-5 minimax
 // polynomial (relative error ≤ 1.1e-7, about 2 ulp; coefficients fitted for this range) — 7
 // multiply-class ops against 11 for e^x with a Cody–Waite reduction by ln 2. 2^n is written straight
-// into the exponent bits. Results below 2^−126 (also −inf and NaN) are 0, as exp_u20's underflow.
+// into the exponent bits. Results below 2^−126 (also for −inf) are 0, as exp_u20's underflow; NaN
+// stays NaN, so a NaN logit makes its row's loss and gradient NaN, as in the reference.
 inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
   using IntVec = Vectorized<int32_t>;
@@ -72,7 +73,7 @@ inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& x) {
   p = at::vec::fmadd(p, f, Vec(0.6931470036506653f));
   p = at::vec::fmadd(p, f, Vec(1.0f));
   const IntVec exponent = (at::vec::convert_to_int_of_same_size(n) + IntVec(127)) << IntVec(23);
-  return Vec::blendv(Vec(0.0f), p * at::vec::cast<float>(exponent), x >= Vec(-126.0f));
+  return Vec::blendv(p * at::vec::cast<float>(exponent), Vec(0.0f), x < Vec(-126.0f));
 }
 
 // exp(scale·(z − shift)) for z ≤ shift and scale > 0 — the softmax numerators. The log-argument

@@ -204,8 +204,8 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
     const acc_t log_p_true = scale_t * (zs_y - s.max) - log_zs;
     const acc_t sum_log_p = scale_t * (s.sum - n * s.max) - n * log_zs;
     acc_t kl_value = 0, q_other = 0;
-    if (rho > 0) kl_value += rho * (log_rho - log_p_true);
-    if (n > 1 && not_rho > 0) {
+    if (rho != 0) kl_value += rho * (log_rho - log_p_true);
+    if (n > 1 && not_rho != 0) {
       const acc_t others = acc_t(n - 1);
       q_other = not_rho / others;
       kl_value += not_rho * (log_not_rho - log_acc(others)) - q_other * (sum_log_p - log_p_true);

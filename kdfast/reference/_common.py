@@ -45,9 +45,10 @@ def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, reduction: str,
 
 
 def soft_kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Row-wise KL(q || p) = sum_c q_c (log q_c - log p_c), with 0 * log 0 taken as 0."""
+    """Row-wise KL(q || p) = sum_c q_c (log q_c - log p_c), with 0 * log 0 taken as 0 (only an exact
+    0: a NaN teacher row gives a NaN, not a silently dropped term)."""
     q = log_q.exp()
-    terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+    terms = torch.where(q == 0, torch.zeros_like(q), q * (log_q - log_p))
     return terms.sum(dim=-1)
 
 

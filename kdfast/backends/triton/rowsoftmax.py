@@ -117,8 +117,9 @@ def _grad_block(hs, ht, cols, mask, y, inv_t, lse_st, lse_s1, lse_t, log_rho, lo
         log_q = tl.where(mask, log_q, float("-inf"))
         q = tl.exp(log_q)
         g += (kl_w * inv_t) * (tl.exp(log_pt) - q)
-        # 0·log 0 = 0: the partial teacher's ρ can round to 1, and C = 1 leaves no other class
-        kl = tl.sum(tl.where(q > 0, q * (tl.where(q > 0, log_q, 0.0) - log_pt), 0.0), axis=0)
+        # 0·log 0 = 0 (only an exact 0: a NaN teacher must stay NaN): the partial teacher's ρ can round
+        # to 1, and C = 1 leaves no other class
+        kl = tl.sum(tl.where(q != 0, q * (tl.where(q != 0, log_q, 0.0) - log_pt), 0.0), axis=0)
     if HAS_CE or HAS_UNIFORM:
         p = tl.exp(hs - lse_s1)
         if HAS_CE:
