@@ -5,6 +5,8 @@ backends that exist when it runs (today the reference; later kdfast's "cpu", "tr
 * ``compile`` — ``torch.compile`` of that same function (static shapes, one compile per shape).
 * ``kdfast-<backend>`` — every fused backend ``kdfast.available_backends`` lists for the loss on
   the device, except "reference", called through the public API with ``backend=<backend>``.
+* ``kdfast-cpu-reuse`` — the cpu backend with its opt-in gradient-block reuse switched on for its
+  own calls (row-softmax losses); the blocks it keeps between steps count in its peak memory.
 * ``liger``   — Liger-Kernel where the kernel has an equivalent, on CUDA, when installed.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -21,6 +23,9 @@ import kdfast
 from .family import Kernel
 
 FUSED_PREFIX = "kdfast-"
+#: the row-softmax losses, whose cpu gradients come from the reusable blocks (csrc/cpu/glue.cpp)
+REUSABLE_GRADIENT_LOSSES = {"kd_loss", "skd_loss", "partial_teacher_loss", "label_smoothing_loss",
+                            "reweighted_ce_loss"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class Provider:
     name: str
     kind: str                       # "eager" | "compile" | "fused" | "liger"
     build: Callable[[], Callable]   # → loss(*inputs); called once per (kernel, shape)
+    held_bytes: Optional[Callable[[], int]] = None  # memory it keeps between steps, outside any one step
 
     @property
     def fused(self) -> bool:
@@ -57,6 +63,22 @@ def _fused(kernel: Kernel, backend: str) -> Callable:
     return loss
 
 
+def _fused_reusing_gradients(kernel: Kernel) -> Callable:
+    from kdfast.backends import cpu
+    cpu.release_kept_gradients()  # every (kernel, shape) starts like a training loop's first step
+    fused = _fused(kernel, "cpu")
+
+    def loss(*inputs):
+        with cpu.gradient_reuse():
+            return fused(*inputs)
+    return loss
+
+
+def _kept_gradient_bytes() -> int:
+    from kdfast.backends import cpu
+    return cpu.kept_gradient_bytes()
+
+
 def _interpreted(backend: str, device: torch.device) -> bool:
     """Triton kernels on CPU tensors run in the interpreter (numpy, one program at a time):
     correct, but its timings say nothing about the kernels."""
@@ -76,6 +98,9 @@ def providers_for(kernel: Kernel, device: torch.device, *, compile_: bool, notes
                          f"{', TRITON_INTERPRET=1' if os.environ.get('TRITON_INTERPRET') else ''}: not a timing)")
             continue
         found.append(Provider(FUSED_PREFIX + backend, "fused", lambda backend=backend: _fused(kernel, backend)))
+        if backend == "cpu" and kernel.loss in REUSABLE_GRADIENT_LOSSES:
+            found.append(Provider(FUSED_PREFIX + "cpu-reuse", "fused", lambda: _fused_reusing_gradients(kernel),
+                                  held_bytes=_kept_gradient_bytes))
     if kernel.liger is not None:
         if device.type != "cuda":
             notes.append(f"{kernel.name}: Liger-Kernel skipped (its kernels are Triton on CUDA; device is {device.type})")

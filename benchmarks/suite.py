@@ -182,9 +182,10 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
                 """(seconds, peak bytes or None) of one forward+backward, under the profiler when
                 ``profile`` (its cost, microseconds per op, is nothing next to a slow step)."""
                 clear()
+                held = provider.held_bytes() if profile and provider.held_bytes else 0
                 started = time.perf_counter()
                 peak = peak_step_bytes(full, device=config.device, live_bytes=live) if profile else full()
-                return time.perf_counter() - started, peak
+                return time.perf_counter() - started, (None if peak is None else peak + held)
 
             # first call: compiles where the provider compiles (then it is no measurement)
             compiles = provider.kind == "compile"
@@ -224,7 +225,8 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
                                      tuple(rate / copy for rate in rates), f"copy bandwidth {copy:.2f} GB/s"))
             if memory:
                 clear()
-                peak = peak_step_bytes(full, device=config.device, live_bytes=live)
+                held = provider.held_bytes() if provider.held_bytes else 0  # kept from earlier steps
+                peak = held + peak_step_bytes(full, device=config.device, live_bytes=live)
                 rows.extend(_memory_rows(meta, case, peak, live))
                 learned[key] = 1.1 * peak / unit
     except Exception as error:  # one failing provider must not end the run: note it and go on

@@ -25,6 +25,9 @@ TORCH_LIBRARY(kdfast, m) {
       "-> (Tensor, Tensor, Tensor)");
   m.def("cpu_capability() -> str", &kdfast::cpu::capability);
   m.def("cpu_parallel_threads_used() -> int", &kdfast::cpu::parallel_threads_used);
+  m.def("cpu_set_gradient_reuse(bool enabled) -> bool", &kdfast::cpu::set_gradient_reuse);
+  m.def("cpu_kept_gradient_bytes() -> int", &kdfast::cpu::kept_gradient_bytes);
+  m.def("cpu_release_kept_gradients() -> ()", &kdfast::cpu::release_kept_gradients);
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {

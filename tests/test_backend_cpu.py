@@ -434,6 +434,35 @@ def test_opt_in_gradient_reuse_never_hands_out_a_live_gradient():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_gradient_reuse_switch_and_kept_bytes():
+    """gradient_reuse() turns reuse on for a block only; kept blocks are counted and released."""
+    cpu.release_kept_gradients()
+    generator = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1024, 8192, generator=generator), torch.randn(1024, 8192, generator=generator)
+
+    def op():
+        return torch.ops.kdfast.row_softmax(s, t, None, 0, 1.0, 1e-7, 4.0, 1, 1.0, 0.0, 0.0, False, 0.0, 0.0, -100)[1]
+
+    previous = cpu.set_gradient_reuse(False)
+    try:
+        op()
+        assert cpu.kept_gradient_bytes() == 0, "reuse is off: nothing may be kept"
+        with cpu.gradient_reuse():
+            first = op()
+            first_address = first.data_ptr()
+            kept = cpu.kept_gradient_bytes()
+            assert kept >= first.numel() * first.element_size()
+            del first
+            assert op().data_ptr() == first_address, "the idle block was not reused"
+        assert not cpu.set_gradient_reuse(False), "the previous setting was not restored"
+        assert op().data_ptr() != first_address, "reuse is off again: the kept block must stay unused"
+        cpu.release_kept_gradients()
+        assert cpu.kept_gradient_bytes() == 0
+    finally:
+        cpu.set_gradient_reuse(previous)
+        cpu.release_kept_gradients()
+
+
 def test_every_instruction_set_build_agrees():
     """The builds this CPU can run (KDFAST_CPU_CAPABILITY lowers the choice) give the same numbers."""
     script = (

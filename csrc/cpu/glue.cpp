@@ -97,7 +97,7 @@ at::Tensor gradient_view(const at::Tensor& block, const at::Tensor& like) {
   return block.narrow(0, huge_page_offset(block), bytes).view(like.scalar_type()).view(like.sizes());
 }
 
-// Opt-in (KDFAST_CPU_REUSE_GRADIENT=1): big gradient blocks are kept after use and handed out again
+// Opt-in (KDFAST_CPU_REUSE_GRADIENT=1, or set_gradient_reuse): big gradient blocks are kept after use and handed out again
 // once no tensor refers to them any more, so a training loop stops paying the OS for freshly
 // zeroed pages on every step (50–70 ms per 524 MB on the project's machines). The price: up to
 // kReusedBlocks blocks stay allocated between steps, and the profiler sees them allocated once.
@@ -105,17 +105,27 @@ at::Tensor gradient_view(const at::Tensor& block, const at::Tensor& like) {
 // wrapped (Tensor.untyped_storage()) may keep an owner and then simply is not reused.
 constexpr size_t kReusedBlocks = 2;
 
-bool reuse_requested() {
-  static const bool requested = [] {
+std::atomic<bool>& reuse_enabled() {
+  static std::atomic<bool> enabled = [] {
     const char* value = std::getenv("KDFAST_CPU_REUSE_GRADIENT");
     return value != nullptr && std::strcmp(value, "1") == 0;
   }();
-  return requested;
+  return enabled;
+}
+
+// The kept blocks: storage referenced here and by every live view of it.
+struct KeptBlocks {
+  std::mutex lock;
+  std::vector<at::Tensor> blocks;
+};
+
+KeptBlocks& kept_blocks() {
+  static KeptBlocks kept;
+  return kept;
 }
 
 at::Tensor reused_gradient(int64_t bytes, const at::Tensor& like) {
-  static std::mutex lock;
-  static std::vector<at::Tensor> blocks;  // storage referenced here and by every live view of it
+  auto& [lock, blocks] = kept_blocks();
   const std::lock_guard<std::mutex> guard(lock);
   const int64_t block_bytes = bytes + static_cast<int64_t>(kHugePageBytes);
   const auto idle = [](const at::Tensor& block) { return block.storage().use_count() == 1; };
@@ -136,7 +146,7 @@ at::Tensor reused_gradient(int64_t bytes, const at::Tensor& like) {
 at::Tensor empty_gradient(const at::Tensor& like) {
   const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
   if (bytes < kHugePageMinBytes) return at::empty_like(like, at::MemoryFormat::Contiguous);
-  if (reuse_requested()) return reused_gradient(bytes, like);
+  if (reuse_enabled().load()) return reused_gradient(bytes, like);
   return gradient_view(huge_page_block(bytes, like.options()), like);
 }
 
@@ -155,6 +165,22 @@ bool for_row_ranges(int64_t rows, int64_t row_elements, int64_t scratch_bytes, c
 }  // namespace
 
 std::string capability() { return kernels().name; }
+
+bool set_gradient_reuse(bool enabled) { return reuse_enabled().exchange(enabled); }
+
+int64_t kept_gradient_bytes() {
+  auto& [lock, blocks] = kept_blocks();
+  const std::lock_guard<std::mutex> guard(lock);
+  int64_t total = 0;
+  for (const at::Tensor& block : blocks) total += block.numel();
+  return total;
+}
+
+void release_kept_gradients() {
+  auto& [lock, blocks] = kept_blocks();
+  const std::lock_guard<std::mutex> guard(lock);
+  blocks.clear();  // a block still viewed by a live gradient is freed with that gradient
+}
 
 int64_t parallel_threads_used() {
   // at::parallel_for is compiled into this TU: count the threads it really hands rows to

@@ -30,6 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
 
 //: the instruction set the row kernels run with: "avx512", "avx2" or "default"
 std::string capability();
+//: gradient-block reuse (see csrc/cpu/glue.cpp): switch it, returning the previous setting; the bytes
+//: of the blocks kept now (in use or idle); drop them
+bool set_gradient_reuse(bool enabled);
+int64_t kept_gradient_bytes();
+void release_kept_gradients();
 //: distinct threads one at::parallel_for over many rows runs on (1 means the glue was built without OpenMP)
 int64_t parallel_threads_used();
 

@@ -8,6 +8,7 @@ without a graph break, and gets the seven public losses from ``build_losses``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch  # before the extension: it needs libtorch's shared libraries loaded
@@ -83,6 +84,35 @@ def landmark_gram(student_features: torch.Tensor, teacher_features: torch.Tensor
 def capability() -> str:
     """The instruction-set build the row kernels use here: "avx512", "avx2" or "default"."""
     return torch.ops.kdfast.cpu_capability()
+
+
+def set_gradient_reuse(enabled: bool) -> bool:
+    """Let the row kernels hand out their previous big gradient block again once nothing refers to
+    it (what ``KDFAST_CPU_REUSE_GRADIENT=1`` sets at start-up), or stop; returns the previous setting.
+    Saves the OS's zeroing of fresh pages on every step, at the cost of up to two gradient-sized
+    blocks kept between steps (:func:`kept_gradient_bytes`; :func:`release_kept_gradients` drops them)."""
+    return bool(torch.ops.kdfast.cpu_set_gradient_reuse(bool(enabled)))
+
+
+@contextlib.contextmanager
+def gradient_reuse(enabled: bool = True):
+    """``set_gradient_reuse(enabled)`` for the block, the previous setting restored after it (kept
+    blocks stay kept: the next block that reuses them finds them)."""
+    previous = set_gradient_reuse(enabled)
+    try:
+        yield
+    finally:
+        set_gradient_reuse(previous)
+
+
+def kept_gradient_bytes() -> int:
+    """Bytes of the gradient blocks kept for reuse now (idle or still in use)."""
+    return int(torch.ops.kdfast.cpu_kept_gradient_bytes())
+
+
+def release_kept_gradients() -> None:
+    """Drop the kept blocks (one a live gradient still uses is freed with that gradient)."""
+    torch.ops.kdfast.cpu_release_kept_gradients()
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
