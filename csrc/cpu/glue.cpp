@@ -97,10 +97,11 @@ at::Tensor gradient_view(const at::Tensor& block, const at::Tensor& like) {
   return block.narrow(0, huge_page_offset(block), bytes).view(like.scalar_type()).view(like.sizes());
 }
 
-// Opt-in (KDFAST_CPU_REUSE_GRADIENT=1, or set_gradient_reuse): big gradient blocks are kept after use and handed out again
-// once no tensor refers to them any more, so a training loop stops paying the OS for freshly
-// zeroed pages on every step (50–70 ms per 524 MB on the project's machines). The price: up to
-// kReusedBlocks blocks stay allocated between steps, and the profiler sees them allocated once.
+// Opt-in (KDFAST_CPU_REUSE_GRADIENT=1 at start-up, or set_gradient_reuse): big gradient blocks are
+// kept after use and handed out again once no tensor refers to them any more, so a training loop
+// stops paying the OS for freshly zeroed pages on every step (50–70 ms per 524 MB on the project's
+// machines). The price: up to kReusedBlocks blocks stay allocated between steps, and the profiler
+// sees them allocated once (kept_gradient_bytes reports them).
 // "Idle" means the kept handle is the storage's only owner; a gradient whose storage Python has
 // wrapped (Tensor.untyped_storage()) may keep an owner and then simply is not reused.
 constexpr size_t kReusedBlocks = 2;
