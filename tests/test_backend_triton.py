@@ -141,6 +141,7 @@ def test_row_streamed_path_matches_reference(device, dtype, case):
     _check_against_reference(losses[name], name, student, teacher, target, options)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's numpy max
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [0, 16])
 @pytest.mark.parametrize("case,where", [(case, where) for case, (_, _, has_teacher) in ROW_LOSSES.items()
