@@ -182,10 +182,11 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
                 """(seconds, peak bytes or None) of one forward+backward, under the profiler when
                 ``profile`` (its cost, microseconds per op, is nothing next to a slow step)."""
                 clear()
+                # memory a provider keeps between steps (e.g. reused gradient blocks) is no event of this step
                 held = provider.held_bytes() if profile and provider.held_bytes else 0
                 started = time.perf_counter()
-                peak = peak_step_bytes(full, device=config.device, live_bytes=live) if profile else full()
-                return time.perf_counter() - started, (None if peak is None else peak + held)
+                peak = held + peak_step_bytes(full, device=config.device, live_bytes=live) if profile else full()
+                return time.perf_counter() - started, peak
 
             # first call: compiles where the provider compiles (then it is no measurement)
             compiles = provider.kind == "compile"
@@ -224,9 +225,7 @@ def run_case(case: Case, config: Config, meta: dict, bandwidth: dict, learned: d
                     rows.append(_row(meta, case, mode, "roofline_fraction", "fraction",
                                      tuple(rate / copy for rate in rates), f"copy bandwidth {copy:.2f} GB/s"))
             if memory:
-                clear()
-                held = provider.held_bytes() if provider.held_bytes else 0  # kept from earlier steps
-                peak = held + peak_step_bytes(full, device=config.device, live_bytes=live)
+                _, peak = timed_step(profile=True)
                 rows.extend(_memory_rows(meta, case, peak, live))
                 learned[key] = 1.1 * peak / unit
     except Exception as error:  # one failing provider must not end the run: note it and go on

@@ -1,6 +1,6 @@
 // Tensor-side pieces the CPU and CUDA glue (csrc/cpu/glue.cpp, csrc/cuda/glue.cpp) share: the
-// element-type code of a tensor, the dtype of the per-row losses, the label tensor's check, and
-// the whole row-softmax prologue (options, which inputs a mode reads, contiguous inputs and their
+// element-type code of a tensor, the dtype of the per-row losses, the label tensor's check,
+// landmark_gram's contract factor, and the whole row-softmax prologue (options, which inputs a mode reads, contiguous inputs and their
 // pointers). Header-only (ATen + the raw kernel interface), so both extensions compile it into
 // their own glue.
 #pragma once
@@ -37,6 +37,21 @@ inline at::Tensor checked_target(const at::Tensor& target, int64_t rows, const c
   TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows, op,
               ": target must be int64 of shape [", rows, "], got ", target.scalar_type(), " ", target.sizes());
   return target.contiguous();
+}
+
+// landmark_gram's contract factor, applied to the loss rows and to G = ∂ℓ/∂R (B×m) before the last
+// GEMM rather than to the B×d gradient after it: × weight, ÷ (‖S^t‖_F + eps) when normalising. The
+// norm stays a tensor, so no device sync.
+inline void apply_gram_factor(at::Tensor& gram_grad, at::Tensor& loss_rows, const at::Tensor& teacher_norm,
+                              double weight, bool normalize, double eps) {
+  if (normalize) {
+    const at::Tensor factor = at::reciprocal(teacher_norm + eps).mul_(weight);
+    gram_grad.mul_(factor);
+    loss_rows.mul_(factor);
+  } else if (weight != 1.0) {
+    gram_grad.mul_(weight);
+    loss_rows.mul_(weight);
+  }
 }
 
 //: which optional inputs a row-softmax mode reads

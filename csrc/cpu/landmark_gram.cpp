@@ -13,6 +13,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "../glue_common.h"
 #include "ops.h"
 
 namespace kdfast::cpu {
@@ -83,12 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                 loss_rows.data_ptr<scalar_t>(), teacher_sq_rows.data_ptr<scalar_t>(), rows, landmarks,
                                 kind, static_cast<scalar_t>(beta));
   });
-  at::Tensor teacher_norm = teacher_sq_rows.sum().sqrt();
-  const double factor = normalize ? weight / (teacher_norm.item<double>() + eps) : weight;
-  if (factor != 1.0) {
-    student_gram.mul_(factor);
-    loss_rows.mul_(factor);
-  }
+  const at::Tensor teacher_norm = teacher_sq_rows.sum().sqrt();
+  glue::apply_gram_factor(student_gram, loss_rows, teacher_norm, weight, normalize, eps);
   at::Tensor grad = at::mm(student_gram, cs).to(student_features.scalar_type());
   return {loss_rows, grad, teacher_norm};
 }

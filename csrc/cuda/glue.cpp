@@ -116,16 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
   C10_CUDA_CHECK(launch_gram_epilogue(student_gram.data_ptr(), teacher_gram.data_ptr(), loss_rows.data_ptr(),
                                       teacher_sq_rows.data_ptr(), rows, landmarks, static_cast<int>(kind), beta,
                                       compute == at::kDouble, current_stream()));
-  // the contract's factor on G (B×m) before the last GEMM, as a device scalar (no sync)
-  at::Tensor teacher_norm = teacher_sq_rows.sum().sqrt();
-  if (normalize) {
-    const at::Tensor factor = at::reciprocal(teacher_norm + eps).mul_(weight);
-    student_gram.mul_(factor);
-    loss_rows.mul_(factor);
-  } else if (weight != 1.0) {
-    student_gram.mul_(weight);
-    loss_rows.mul_(weight);
-  }
+  const at::Tensor teacher_norm = teacher_sq_rows.sum().sqrt();
+  glue::apply_gram_factor(student_gram, loss_rows, teacher_norm, weight, normalize, eps);
   at::Tensor grad = at::mm(student_gram, cs).to(student_features.scalar_type());
   return {loss_rows, grad, teacher_norm};
 }
