@@ -1,9 +1,15 @@
-"""Reference of the landmark-Gram family: KDA / Nyström kernel transfer (spec §3a–3c)."""
+"""Reference of the landmark-Gram family: KDA / Nyström kernel transfer (spec §3a–3c).
+
+Special values follow :mod:`kdfast.reference._common`: a NaN in a row's student or teacher
+features makes that row's loss and whole gradient row NaN. With ``normalize`` the scale
+1/‖S^t‖_F reads every teacher row, so there a NaN teacher row makes every row NaN; a NaN
+landmark reaches every row too. ``fro`` is one norm of the whole residual: any NaN makes it NaN.
+"""
 from __future__ import annotations
 
 import torch
 
-from ._common import compute_dtype
+from ._common import compute_dtype, nan_rows_propagate, nan_where, rows_with_nan
 
 
 def nystrom_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
@@ -19,8 +25,11 @@ def nystrom_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     the sum by B·m. Landmarks and teacher features are constants (detached).
     """
     dtype = compute_dtype(student_features.dtype)
-    student_gram = student_features.to(dtype) @ student_landmarks.detach().to(dtype).T
-    teacher_gram = teacher_features.detach().to(dtype) @ teacher_landmarks.detach().to(dtype).T
+    student = student_features.to(dtype)
+    teacher = teacher_features.detach().to(dtype)
+    has_nan = rows_with_nan(student, teacher)
+    student_gram = nan_rows_propagate(student, teacher) @ student_landmarks.detach().to(dtype).T
+    teacher_gram = teacher @ teacher_landmarks.detach().to(dtype).T
     residual = student_gram - teacher_gram
     scale = 1 / (teacher_gram.norm() + eps) if normalize else 1.0
 
@@ -37,7 +46,7 @@ def nystrom_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     else:
         raise ValueError(f"kind must be 'smooth_l1', 'fro' or 'sq_fro'; got {kind!r}")
 
-    per_row = elementwise.sum(dim=-1) * scale
+    per_row = nan_where(elementwise.sum(dim=-1), has_nan) * scale
     if reduction == "none":
         return per_row
     if reduction == "sum":

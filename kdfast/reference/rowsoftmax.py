@@ -3,6 +3,12 @@ instance re-weighted CE. Plain PyTorch, readable, float64-gradcheckable.
 
 Inputs are 2-D [rows, classes] and already checked by :mod:`kdfast.functional`. Teacher logits
 are constants: they are detached here, so no gradient ever reaches them.
+
+Special values follow :mod:`kdfast.reference._common`: a −inf logit is a masked class
+(probability 0, 0·log 0 = 0; a student −inf where the teacher has mass gives a +inf loss row,
+and a −inf at the label gives CE = +inf), a NaN in a row's student or teacher logits makes that
+row's loss and whole gradient row NaN, an ignored row has loss 0 and gradient 0 whatever it
+holds. SKD normalises a row with its mean and spread, so there a −inf entry makes the row NaN.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import compute_dtype, cross_entropy_rows, reduce_rows, soft_kl, valid_rows
+from ._common import Rows, cross_entropy_rows, nan_where, prepare_rows, reduce_rows, soft_kl
 
 
 def normalize_logits(logits: torch.Tensor, how: str, multiplier: float, eps: float) -> torch.Tensor:
@@ -39,25 +45,24 @@ def normalize_logits(logits: torch.Tensor, how: str, multiplier: float, eps: flo
     raise ValueError(f"normalize must be 'layernorm', 'l2' or 'standardize'; got {how!r}")
 
 
-def _distill(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor], *,
-             temperature: float, alpha: float, reduction: str, ignore_index: Optional[int]) -> torch.Tensor:
+def _distill(rows: Rows, student: torch.Tensor, teacher: torch.Tensor, *, temperature: float,
+             alpha: float, reduction: str) -> torch.Tensor:
     """α·T²·KL(σ_T(teacher) ‖ σ_T(student)) + (1 − α)·CE(student, y), per row, then reduced."""
-    valid, safe_target = valid_rows(target, ignore_index, student.shape[0], student.device)
     log_p = F.log_softmax(student / temperature, dim=-1)
     log_q = F.log_softmax(teacher / temperature, dim=-1)
     per_row = alpha * temperature**2 * soft_kl(log_q, log_p)
     if alpha < 1:
-        per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(student, dim=-1), safe_target)
-    return reduce_rows(per_row, valid, reduction, mean_divisor=student.shape[-1])
+        per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(student, dim=-1), rows.target)
+    per_row = nan_where(per_row, rows.has_nan)
+    return reduce_rows(per_row, rows.valid, reduction, mean_divisor=student.shape[-1])
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             target: Optional[torch.Tensor] = None, *, temperature: float = 4.0, alpha: float = 1.0,
             reduction: str = "batchmean", ignore_index: Optional[int] = -100) -> torch.Tensor:
     """Hinton KD (spec §0): α·T²·KL(σ_T(z^t) ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y)."""
-    dtype = compute_dtype(student_logits.dtype)
-    return _distill(student_logits.to(dtype), teacher_logits.detach().to(dtype), target,
-                    temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
+    rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
+    return _distill(rows, rows.student, rows.teacher, temperature=temperature, alpha=alpha, reduction=reduction)
 
 
 def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -66,18 +71,18 @@ def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
              reduction: str = "batchmean", ignore_index: Optional[int] = -100) -> torch.Tensor:
     """Spherical KD (spec §1a): KD between the normalised logits h = κ·normalize(z) of both
     networks, with the CE term on the normalised student logits at T = 1."""
-    dtype = compute_dtype(student_logits.dtype)
-    student = normalize_logits(student_logits.to(dtype), normalize, multiplier, eps)
-    teacher = normalize_logits(teacher_logits.detach().to(dtype), normalize, multiplier, eps)
-    return _distill(student, teacher, target, temperature=temperature, alpha=alpha,
-                    reduction=reduction, ignore_index=ignore_index)
+    rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
+    student = normalize_logits(rows.student, normalize, multiplier, eps)
+    teacher = normalize_logits(rows.teacher, normalize, multiplier, eps)
+    return _distill(rows, student, teacher, temperature=temperature, alpha=alpha, reduction=reduction)
 
 
 def partial_teacher_log_target(teacher_logits: torch.Tensor, target: torch.Tensor,
                                temperature: float) -> torch.Tensor:
     """log q^pt (spec §4a, §4c): the teacher's true-class probability ρ kept, 1 − ρ spread evenly
     over the other C − 1 classes. log(1 − ρ) comes from a log-sum-exp over the other classes, never
-    from log(1 − exp(log ρ)), so it stays accurate as ρ → 1."""
+    from log(1 − exp(log ρ)), so it stays accurate as ρ → 1. When every other class is −inf,
+    ρ = 1 and the other classes get probability 0."""
     scaled = teacher_logits / temperature
     num_classes = scaled.shape[-1]
     is_true = F.one_hot(target, num_classes).bool()
@@ -92,25 +97,23 @@ def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
                          temperature: float = 1.0, alpha: float = 0.5, reduction: str = "batchmean",
                          ignore_index: Optional[int] = -100) -> torch.Tensor:
     """KD-pt of Tang et al. (spec §4a): α·T²·KL(q^pt ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y)."""
-    dtype = compute_dtype(student_logits.dtype)
-    student = student_logits.to(dtype)
-    valid, safe_target = valid_rows(target, ignore_index, student.shape[0], student.device)
-    log_q = partial_teacher_log_target(teacher_logits.detach().to(dtype), safe_target, temperature)
-    log_p = F.log_softmax(student / temperature, dim=-1)
+    rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
+    log_q = partial_teacher_log_target(rows.teacher, rows.target, temperature)
+    log_p = F.log_softmax(rows.student / temperature, dim=-1)
     per_row = alpha * temperature**2 * soft_kl(log_q, log_p)
     if alpha < 1:
-        per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(student, dim=-1), safe_target)
-    return reduce_rows(per_row, valid, reduction, mean_divisor=student.shape[-1])
+        per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(rows.student, dim=-1), rows.target)
+    per_row = nan_where(per_row, rows.has_nan)
+    return reduce_rows(per_row, rows.valid, reduction, mean_divisor=rows.student.shape[-1])
 
 
 def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0.1,
                          reduction: str = "mean", ignore_index: Optional[int] = -100) -> torch.Tensor:
     """CE against t = (1 − ε)·e_y + (ε/C)·1 (spec §4a), as torch's cross_entropy(label_smoothing=ε)."""
-    student = student_logits.to(compute_dtype(student_logits.dtype))
-    valid, safe_target = valid_rows(target, ignore_index, student.shape[0], student.device)
-    log_p = F.log_softmax(student, dim=-1)
-    per_row = (1 - smoothing) * cross_entropy_rows(log_p, safe_target) - smoothing * log_p.mean(dim=-1)
-    return reduce_rows(per_row, valid, reduction, mean_divisor=1)
+    rows = prepare_rows(student_logits, None, target, ignore_index)
+    log_p = F.log_softmax(rows.student, dim=-1)
+    per_row = (1 - smoothing) * cross_entropy_rows(log_p, rows.target) - smoothing * log_p.mean(dim=-1)
+    return reduce_rows(nan_where(per_row, rows.has_nan), rows.valid, reduction, mean_divisor=1)
 
 
 def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
@@ -119,14 +122,12 @@ def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     """Instance re-weighted CE (spec §4a): w_i·CE_i with the detached weight
     w_i = 1 − α·(1 − ρ_i)/max(1 − p_{y,i}, eps), ρ_i = σ_T(z^t_i)[y_i], p = σ(z^s_i).
     w is KD's true-logit gradient relative to CE's; it can be negative."""
-    dtype = compute_dtype(student_logits.dtype)
-    student = student_logits.to(dtype)
-    valid, safe_target = valid_rows(target, ignore_index, student.shape[0], student.device)
-    log_p = F.log_softmax(student, dim=-1)
-    ce = cross_entropy_rows(log_p, safe_target)
+    rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
+    log_p = F.log_softmax(rows.student, dim=-1)
+    ce = cross_entropy_rows(log_p, rows.target)
     with torch.no_grad():
-        rho = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
-        rho = rho.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+        rho = F.softmax(rows.teacher / temperature, dim=-1)
+        rho = rho.gather(-1, rows.target.unsqueeze(-1)).squeeze(-1)
         p_true = (-ce).exp()
         weight = 1 - alpha * (1 - rho) / (1 - p_true).clamp_min(eps)
-    return reduce_rows(weight * ce, valid, reduction, mean_divisor=1)
+    return reduce_rows(nan_where(weight * ce, rows.has_nan), rows.valid, reduction, mean_divisor=1)
