@@ -76,7 +76,8 @@ def _extensions():
             abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
             common = ["-c", "-fPIC", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *CXX_FLAGS,
                       *[f"-I{path}" for path in include_paths()], f"-I{os.path.join(ROOT, CSRC)}"]
-            headers = [os.path.join(ROOT, "csrc/cpu", name) for name in ("kernels.h", "vec_helpers.h")]
+            headers = [os.path.join(ROOT, "csrc", name) for name in ("cpu/kernels.h", "cpu/vec_helpers.h",
+                                                                    "common/contract.h", "common/row_math.h")]
             jobs = []
             for name, flags in CPU_CAPABILITIES.items():
                 for source in sources:

@@ -12,13 +12,16 @@
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(kdfast, m) {
-  // normalize: 0 none, 1 layernorm, 2 l2, 3 standardize; teacher_mode: 0 none, 1 softmax, 2 partial
+  // the integer codes (normalize, teacher_mode, kind) are csrc/common/contract.h's enums
   m.def(
       "row_softmax(Tensor student, Tensor? teacher, Tensor? target, int normalize, float multiplier, float eps, "
       "float temperature, int teacher_mode, float kl_weight, float ce_weight, float uniform_weight, bool reweight, "
       "float reweight_alpha, float reweight_eps, int ignore_index) -> (Tensor, Tensor)");
-  m.def("feature_centre(Tensor student, Tensor teacher, Tensor target, Tensor centres, float eps) -> (Tensor, Tensor)");
-  // kind: 0 smooth_l1, 1 sq_fro; loss rows and gradient × weight, ÷ (‖S^t‖_F + eps) when normalize
+  // rows whose target is ignore_index: loss 0, zero gradient
+  m.def(
+      "feature_centre(Tensor student, Tensor teacher, Tensor target, Tensor centres, float eps, int ignore_index) "
+      "-> (Tensor, Tensor)");
+  // loss rows and gradient × weight, ÷ (‖S^t‖_F + eps) when normalize
   m.def(
       "landmark_gram(Tensor student_features, Tensor teacher_features, Tensor student_landmarks, "
       "Tensor teacher_landmarks, int kind, float beta, float weight, bool normalize, float eps) "

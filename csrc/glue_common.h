@@ -1,20 +1,21 @@
 // Tensor-side pieces the CPU and CUDA glue (csrc/cpu/glue.cpp, csrc/cuda/glue.cpp) share: the
 // element-type code of a tensor, the dtype of the per-row losses, the label tensor's check,
-// landmark_gram's contract factor, and the whole row-softmax prologue (options, which inputs a mode reads, contiguous inputs and their
-// pointers). Header-only (ATen + the raw kernel interface), so both extensions compile it into
-// their own glue.
+// landmark_gram's checks and contract factor, and the whole row-softmax and feature-centre
+// prologues (options, which inputs a mode reads, contiguous inputs and their pointers).
+// Header-only (ATen + the kernel contract), so both extensions compile it into their own glue.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
 
-#include "cpu/kernels.h"
+#include "common/contract.h"
 
 namespace kdfast::glue {
 
-using cpu::ElementType;
-using cpu::RowSoftmaxArgs;
+using kdfast::ElementType;
+using kdfast::FeatureCentreArgs;
+using kdfast::RowSoftmaxArgs;
 
 inline ElementType element_type(const at::Tensor& tensor, const char* op) {
   switch (tensor.scalar_type()) {
@@ -39,6 +40,23 @@ inline at::Tensor checked_target(const at::Tensor& target, int64_t rows, const c
   return target.contiguous();
 }
 
+// landmark_gram's argument checks (shapes, kind, beta), naming the op
+inline void check_landmark_gram(const char* op, const at::Tensor& student_features, const at::Tensor& teacher_features,
+                                const at::Tensor& student_landmarks, const at::Tensor& teacher_landmarks, int64_t kind,
+                                double beta) {
+  TORCH_CHECK(student_features.dim() == 2 && teacher_features.dim() == 2 && student_landmarks.dim() == 2 &&
+                  teacher_landmarks.dim() == 2,
+              op, " expects 2-D features and landmarks");
+  TORCH_CHECK(kind == kGramSmoothL1 || kind == kGramSquared, op, ": unknown kind ", kind);
+  TORCH_CHECK(beta > 0 || kind != kGramSmoothL1, op, ": beta must be positive");
+  TORCH_CHECK(teacher_features.size(0) == student_features.size(0) &&
+                  teacher_landmarks.size(0) == student_landmarks.size(0) &&
+                  student_landmarks.size(1) == student_features.size(1) &&
+                  teacher_landmarks.size(1) == teacher_features.size(1),
+              op, ": shapes do not match: F^s ", student_features.sizes(), ", F^t ", teacher_features.sizes(),
+              ", C^s ", student_landmarks.sizes(), ", C^t ", teacher_landmarks.sizes());
+}
+
 // landmark_gram's contract factor, applied to the loss rows and to G = ∂ℓ/∂R (B×m) before the last
 // GEMM rather than to the B×d gradient after it: × weight, ÷ (‖S^t‖_F + eps) when normalising. The
 // norm stays a tensor, so no device sync.
@@ -54,17 +72,6 @@ inline void apply_gram_factor(at::Tensor& gram_grad, at::Tensor& loss_rows, cons
   }
 }
 
-//: which optional inputs a row-softmax mode reads
-struct RowSoftmaxInputs {
-  bool teacher = false;  // a KL term, or the re-weighted CE (its weight comes from the teacher)
-  bool label = false;    // a CE term, or KD-pt (its target distribution keeps the true class)
-};
-
-inline RowSoftmaxInputs row_softmax_inputs(int64_t teacher_mode, double kl_weight, double ce_weight, bool reweight) {
-  const bool kl = kl_weight != 0 && teacher_mode != cpu::kTeacherNone;
-  return {kl || (reweight && ce_weight != 0), ce_weight != 0 || (kl && teacher_mode == cpu::kTeacherPartial)};
-}
-
 // Validates the mode codes and scalars of torch.ops.kdfast.row_softmax and stores them in args
 // (the tensor pointers are the caller's business).
 inline void set_row_softmax_options(RowSoftmaxArgs& args, const char* op, int64_t rows, int64_t classes,
@@ -72,9 +79,8 @@ inline void set_row_softmax_options(RowSoftmaxArgs& args, const char* op, int64_
                                     int64_t teacher_mode, double kl_weight, double ce_weight, double uniform_weight,
                                     bool reweight, double reweight_alpha, double reweight_eps,
                                     int64_t ignore_index) {
-  TORCH_CHECK(normalize >= cpu::kNormNone && normalize <= cpu::kNormStandardize, op, ": unknown normalize code ",
-              normalize);
-  TORCH_CHECK(teacher_mode >= cpu::kTeacherNone && teacher_mode <= cpu::kTeacherPartial, op,
+  TORCH_CHECK(normalize >= kNormNone && normalize <= kNormStandardize, op, ": unknown normalize code ", normalize);
+  TORCH_CHECK(teacher_mode >= kTeacherNone && teacher_mode <= kTeacherPartial, op,
               ": unknown teacher code ", teacher_mode);
   TORCH_CHECK(temperature > 0 && multiplier > 0 && eps > 0, op, ": temperature, multiplier and eps must be > 0");
   args.rows = rows;
@@ -97,7 +103,7 @@ inline void set_row_softmax_options(RowSoftmaxArgs& args, const char* op, int64_
 // student's dtype) and their pointers in args. Outputs and the label range check are the caller's.
 struct RowSoftmaxCall {
   RowSoftmaxArgs args;
-  RowSoftmaxInputs needs;
+  RowSoftmaxFlags flags;
   at::Tensor student, teacher, target;  // kept alive for the launch
 };
 
@@ -116,8 +122,8 @@ inline RowSoftmaxCall prepare_row_softmax(const char* op, const at::Tensor& stud
   call.args.type = element_type(student, op);
   call.student = student.contiguous();
   call.args.student = call.student.data_ptr();
-  call.needs = row_softmax_inputs(teacher_mode, kl_weight, ce_weight, reweight);
-  if (call.needs.teacher) {
+  call.flags = row_softmax_flags(call.args);
+  if (call.flags.reads_teacher) {
     TORCH_CHECK(teacher.has_value(), op, ": this mode needs teacher logits");
     TORCH_CHECK(teacher->sizes() == student.sizes(), op, ": teacher shape ", teacher->sizes(),
                 " differs from student shape ", student.sizes());
@@ -128,8 +134,50 @@ inline RowSoftmaxCall prepare_row_softmax(const char* op, const at::Tensor& stud
     call.target = checked_target(*target, rows, op);
     call.args.target = call.target.data_ptr<int64_t>();
   }
-  TORCH_CHECK(!call.needs.label || target.has_value(), op, ": this mode needs a target");
+  TORCH_CHECK(!call.flags.uses_label || target.has_value(), op, ": this mode needs a target");
   return call;
+}
+
+// One feature-centre launch: checked, contiguous inputs (teacher and centres in the student's dtype)
+// and their pointers in args. Outputs and the label range check are the caller's.
+struct FeatureCentreCall {
+  FeatureCentreArgs args;
+  at::Tensor student, teacher, target, centres;  // kept alive for the launch
+};
+
+inline FeatureCentreCall prepare_feature_centre(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                                                const at::Tensor& target, const at::Tensor& centres, double eps,
+                                                int64_t ignore_index) {
+  TORCH_CHECK(student.dim() == 2, op, ": student features must be 2-D, got ", student.sizes());
+  TORCH_CHECK(teacher.sizes() == student.sizes(), op, ": teacher features ", teacher.sizes(),
+              " must match student features ", student.sizes());
+  TORCH_CHECK(centres.dim() == 2 && centres.size(1) == student.size(1), op, ": centres must be [classes, ",
+              student.size(1), "], got ", centres.sizes());
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0");
+  FeatureCentreCall call;
+  FeatureCentreArgs& args = call.args;
+  args.type = element_type(student, op);
+  call.student = student.contiguous();
+  call.teacher = teacher.to(student.scalar_type()).contiguous();
+  call.centres = centres.to(student.scalar_type()).contiguous();
+  call.target = checked_target(target, student.size(0), op);
+  args.student = call.student.data_ptr();
+  args.teacher = call.teacher.data_ptr();
+  args.target = call.target.data_ptr<int64_t>();
+  args.centres = call.centres.data_ptr();
+  args.num_centres = call.centres.size(0);
+  args.rows = student.size(0);
+  args.dim = student.size(1);
+  args.eps = eps;
+  args.ignore_index = ignore_index;
+  return call;
+}
+
+//: the labels a kernel will gather with: not ignore_index and outside [low, high)
+inline at::Tensor bad_labels(const at::Tensor& target, int64_t low, int64_t high, std::optional<int64_t> ignore) {
+  at::Tensor bad = (target < low) | (target >= high);
+  if (ignore.has_value()) bad = bad & (target != *ignore);
+  return bad;
 }
 
 }  // namespace kdfast::glue

@@ -1,12 +1,13 @@
 // The feature–centre family on CPU: the ND loss (spec §2a–2c, §6 kernel B).
 //
 // Per row: gather the raw centre c = centres[y]; one pass accumulates ⟨u, c⟩, ‖c‖², ‖u‖², ‖f^t‖²;
-// with ê = c/max(‖c‖, eps) and M = max(‖u‖, ‖f^t‖) clamped at eps (tie → ‖u‖, the cosine branch):
-//   ℓ = 1 − ⟨u, ê⟩/M
-//   ∂ℓ/∂u = −ê/M + [M is ‖u‖ and not clamped] · ⟨u, ê⟩/(M²‖u‖) · u
-// and a second pass writes that gradient. Compiled once per instruction set (see setup.py).
+// csrc/common/row_math.h's feature_centre_terms turns them into ℓ = 1 − ⟨u, ê⟩/M and the two
+// coefficients of ∂ℓ/∂u = kc·c + ku·u, which a second pass writes. Rows whose label is ignore_index
+// get loss 0 and a zero gradient. Compiled once per instruction set (see setup.py).
 #include "kernels.h"
 #include "vec_helpers.h"
+// after vec_helpers.h (see rowsoftmax.cpp)
+#include "../common/row_math.h"
 
 namespace kdfast::cpu::CPU_CAPABILITY {
 namespace {
@@ -38,16 +39,15 @@ Dots<acc_t> four_dots(const acc_t* u, const acc_t* c, const acc_t* t, int64_t n)
   return d;
 }
 
-// out = kc·c + ku·u
+// out = feature_centre_gradient(c, u)
 template <typename acc_t>
-void combine(const acc_t* c, const acc_t* u, acc_t kc, acc_t ku, acc_t* out, int64_t n) {
+void combine(const acc_t* c, const acc_t* u, const row_math::CentreTerms<acc_t>& terms, acc_t* out, int64_t n) {
   using Vec = Vectorized<acc_t>;
-  const Vec vkc(kc), vku(ku);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    (vkc * Vec::loadu(c + i) + vku * Vec::loadu(u + i)).store(out + i);
+    row_math::feature_centre_gradient(terms, Vec::loadu(c + i), Vec::loadu(u + i)).store(out + i);
   }
-  for (; i < n; ++i) out[i] = kc * c[i] + ku * u[i];
+  for (; i < n; ++i) out[i] = row_math::feature_centre_gradient(terms, c[i], u[i]);
 }
 
 template <typename scalar_t>
@@ -62,36 +62,33 @@ bool rows(const FeatureCentreArgs& a, int64_t begin, int64_t end, void* scratch_
   auto* loss = static_cast<acc_t*>(a.loss);
   const acc_t eps = static_cast<acc_t>(a.eps);
 
+  bool labels_ok = true;
   for (int64_t r = begin; r < end; ++r) {
+    scalar_t* grad_row = grad + r * n;
     const int64_t y = a.target[r];  // validated by the glue; checked again so no gather reads outside
-    if (y < 0 || y >= a.num_centres) return false;
+    const RowAction action = row_action(y, true, a.ignore_index, true, a.num_centres);
+    if (action != RowAction::kCompute) {
+      labels_ok = labels_ok && action == RowAction::kIgnore;
+      zero_row(grad_row, n);
+      loss[r] = 0;
+      continue;
+    }
     const acc_t* u = widen_row(student + r * n, n, scratch);
     const acc_t* t = widen_row(teacher + r * n, n, scratch + n);
     const acc_t* c = widen_row(centres + y * n, n, scratch + 2 * n);
     const Dots<acc_t> d = four_dots(u, c, t, n);
-    const acc_t centre_norm = std::max(std::sqrt(d.cc), eps);
-    const acc_t u_norm = std::sqrt(d.uu), teacher_norm = std::sqrt(d.tt);
-    const bool student_branch = u_norm >= teacher_norm;
-    const acc_t raw_scale = student_branch ? u_norm : teacher_norm;
-    const acc_t scale = std::max(raw_scale, eps);
-    const acc_t cosine_part = d.uc / centre_norm;  // ⟨u, ê⟩
-    loss[r] = 1 - cosine_part / scale;
-
-    const acc_t kc = -1 / (centre_norm * scale);
-    // M depends on u only on the student branch, above the clamp, and away from u = 0
-    const bool through_norm = student_branch && raw_scale >= eps && u_norm > 0;
-    const acc_t ku = through_norm ? cosine_part / (scale * scale * u_norm) : acc_t(0);
-    scalar_t* grad_row = grad + r * n;
+    const row_math::CentreTerms<acc_t> terms = row_math::feature_centre_terms(d.uc, d.cc, d.uu, d.tt, eps);
+    loss[r] = terms.loss;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      combine(c, u, kc, ku, grad_row, n);
+      combine(c, u, terms, grad_row, n);
     } else {
       // the widened teacher row is no longer needed: reuse its buffer for the gradient
       acc_t* g = scratch + n;
-      combine(c, u, kc, ku, g, n);
+      combine(c, u, terms, g, n);
       narrow_row(g, grad_row, n);
     }
   }
-  return true;
+  return labels_ok;
 }
 
 }  // namespace

@@ -65,7 +65,6 @@ const KernelSet& kernels() {
   return chosen;
 }
 
-using glue::checked_target;
 using glue::element_type;
 using glue::loss_type;
 
@@ -222,45 +221,22 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
 }
 
 std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
-                                                  const at::Tensor& target, const at::Tensor& centres, double eps) {
+                                                  const at::Tensor& target, const at::Tensor& centres, double eps,
+                                                  int64_t ignore_index) {
   constexpr const char* op = "kdfast::feature_centre";
-  TORCH_CHECK(student.dim() == 2, op, ": student features must be 2-D, got ", student.sizes());
-  TORCH_CHECK(teacher.sizes() == student.sizes(), op, ": teacher features ", teacher.sizes(),
-              " must match student features ", student.sizes());
-  TORCH_CHECK(centres.dim() == 2 && centres.size(1) == student.size(1), op, ": centres must be [classes, ",
-              student.size(1), "], got ", centres.sizes());
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0");
-  const int64_t rows = student.size(0), dim = student.size(1);
-  FeatureCentreArgs args;
-  args.type = element_type(student, op);
-  const at::Tensor student_c = student.contiguous();
-  const at::Tensor teacher_c = teacher.to(student.scalar_type()).contiguous();
-  const at::Tensor centres_c = centres.to(student.scalar_type()).contiguous();
-  const at::Tensor target_c = checked_target(target, rows, op);
-  if (rows > 0) {
-    // the kernel gathers centres[y]: every label must name a centre (ignored rows arrive as 0)
-    const auto low = target_c.min().item<int64_t>(), high = target_c.max().item<int64_t>();
-    TORCH_CHECK(low >= 0 && high < centres.size(0), op, ": target must lie in [0, ", centres.size(0), "), got [",
-                low, ", ", high, "]");
-  }
-  at::Tensor grad = at::empty_like(student_c);
-  at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
-  args.student = student_c.data_ptr();
-  args.teacher = teacher_c.data_ptr();
-  args.target = target_c.data_ptr<int64_t>();
-  args.centres = centres_c.data_ptr();
-  args.num_centres = centres_c.size(0);
+  glue::FeatureCentreCall call = glue::prepare_feature_centre(op, student, teacher, target, centres, eps, ignore_index);
+  FeatureCentreArgs& args = call.args;
+  // the kernel gathers centres[y]: every label must name a centre or be ignore_index
+  TORCH_CHECK(!glue::bad_labels(call.target, 0, args.num_centres, ignore_index).any().item<bool>(), op,
+              ": target must lie in [0, ", args.num_centres, ") or equal ignore_index (", ignore_index, ")");
+  at::Tensor grad = at::empty_like(call.student);
+  at::Tensor loss = at::empty({args.rows}, student.options().dtype(loss_type(student)));
   args.grad = grad.data_ptr();
   args.loss = loss.data_ptr();
-  args.rows = rows;
-  args.dim = dim;
-  args.eps = eps;
   const FeatureCentreFn kernel = kernels().feature_centre;
-  const bool ok = for_row_ranges(rows, dim, feature_centre_scratch_bytes(dim), [&](int64_t begin, int64_t end,
-                                                                                 void* scratch) {
-    return kernel(args, begin, end, scratch);
-  });
-  TORCH_CHECK(ok, op, ": target holds an index outside [0, ", centres.size(0), ")");
+  const bool ok = for_row_ranges(args.rows, args.dim, feature_centre_scratch_bytes(args.dim),
+                                 [&](int64_t begin, int64_t end, void* scratch) { return kernel(args, begin, end, scratch); });
+  TORCH_CHECK(ok, op, ": target holds an index outside [0, ", args.num_centres, ")");
   return {loss, grad};
 }
 

@@ -1,4 +1,4 @@
-// Raw-pointer interface between the Tensor glue (csrc/bindings.cpp, built once with default flags)
+// Raw-pointer interface between the Tensor glue (csrc/cpu/glue.cpp, built once with default flags)
 // and the hot CPU kernels (csrc/cpu/rowsoftmax.cpp, csrc/cpu/feature_centre.cpp), which setup.py
 // compiles once per instruction set. Each build puts its functions in the namespace named by the
 // CPU_CAPABILITY macro (DEFAULT, AVX2, AVX512), so the three copies link side by side and the glue
@@ -8,51 +8,13 @@
 
 #include <cstdint>
 
+#include "../common/contract.h"
+
 namespace kdfast::cpu {
 
-//: element types the kernels accept; arithmetic is fp32 for the first three, fp64 for kFloat64
-enum class ElementType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
-
-// Codes shared with kdfast/backends/cpu.py and the CUDA kernels.
-enum Normalize : int { kNormNone = 0, kNormLayerNorm = 1, kNormL2 = 2, kNormStandardize = 3 };
-enum TeacherMode : int { kTeacherNone = 0, kTeacherSoftmax = 1, kTeacherPartial = 2 };
-
-struct RowSoftmaxArgs {
-  const void* student = nullptr;   // [rows, classes], contiguous, `type`
-  const void* teacher = nullptr;   // same layout, or null when no mode needs it
-  const int64_t* target = nullptr; // [rows] or null
-  void* grad = nullptr;            // [rows, classes], `type`
-  void* loss = nullptr;            // [rows], fp32 (fp64 for kFloat64)
-  int64_t rows = 0;
-  int64_t classes = 0;
-  ElementType type = ElementType::kFloat32;
-  int normalize = kNormNone;
-  int teacher_mode = kTeacherNone;
-  double multiplier = 1.0;
-  double eps = 1e-7;
-  double temperature = 1.0;
-  double kl_weight = 0.0;
-  double ce_weight = 0.0;
-  double uniform_weight = 0.0;
-  bool reweight = false;
-  double reweight_alpha = 0.0;
-  double reweight_eps = 1e-6;
-  int64_t ignore_index = -100;
-};
-
-struct FeatureCentreArgs {
-  const void* student = nullptr;   // u [rows, dim]
-  const void* teacher = nullptr;   // f^t [rows, dim] (only its row norms matter)
-  const int64_t* target = nullptr; // [rows], already in [0, num_centres)
-  const void* centres = nullptr;   // raw class means [num_centres, dim]
-  int64_t num_centres = 0;
-  void* grad = nullptr;            // [rows, dim]
-  void* loss = nullptr;            // [rows], fp32 (fp64 for kFloat64)
-  int64_t rows = 0;
-  int64_t dim = 0;
-  ElementType type = ElementType::kFloat32;
-  double eps = 1e-8;
-};
+using kdfast::ElementType;
+using kdfast::FeatureCentreArgs;
+using kdfast::RowSoftmaxArgs;
 
 // Scratch one call over any row range needs (the caller allocates it once per task): up to five
 // row-length buffers for the softmax family (widened student and teacher rows, three exp rows),

@@ -9,9 +9,6 @@
 
 namespace kdfast::cpu {
 
-// Codes of landmark_gram's `kind` (shared with kdfast/backends/cpu.py and the CUDA glue).
-enum GramKind : int64_t { kGramSmoothL1 = 0, kGramSquared = 1 };
-
 std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
                                                const std::optional<at::Tensor>& target, int64_t normalize,
                                                double multiplier, double eps, double temperature,
@@ -20,7 +17,8 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                double reweight_eps, int64_t ignore_index);
 
 std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
-                                                  const at::Tensor& target, const at::Tensor& centres, double eps);
+                                                  const at::Tensor& target, const at::Tensor& centres, double eps,
+                                                  int64_t ignore_index);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& student_features,
                                                              const at::Tensor& teacher_features,

@@ -1,71 +1,47 @@
-// The row-softmax family on CPU (spec §0, §1, §4, §6 kernel A): KD, SKD (layernorm / l2 /
-// standardize), KD-pt, label smoothing, instance re-weighted CE — one kernel with modes.
+// The row-softmax family on CPU: KD, SKD (layernorm / l2 / standardize), KD-pt, label smoothing,
+// instance re-weighted CE — one kernel with modes. The per-row math (normalisation map, loss and
+// gradient coefficients, normalisation backward, guards) is csrc/common/row_math.h; this file is
+// the memory traffic and the vector loops around it.
 //
 // Per row, while it is cache-resident (a 32k-class fp32 row pair is 256 KB, inside a 512 KB+ L2):
 //   1. statistics: max and sum (and Σz² / Σ(z−μ)²) of the student and teacher rows;
-//   2. every normalisation is a positive affine map h = A·z + b, so softmax(h/T) only needs
+//   2. every normalisation is a positive affine map h = A·(z − μ), so softmax(h/T) only needs
 //      A/T and max z, and exp rows are written once into scratch together with their sums;
-//   3. loss from the sums, then g = ∂ℓ/∂h from the stored exps;
+//   3. loss and coefficients from the sums (row_coefficients), then g = ∂ℓ/∂h from the stored exps;
 //   4. the normalisation's backward, which is again affine: dz = A·g − k·(z − μ) − c.
 // Only the first pass reads from memory (the exp pass of the previous row has prefetched it) and
 // only the gradient store writes to it. Exps are 2^x in fp32 (ScaledExp in vec_helpers.h).
 //
-// Compiled once per instruction set (see setup.py); the glue in csrc/bindings.cpp picks one.
+// Compiled once per instruction set (see setup.py); the glue in csrc/cpu/glue.cpp picks one.
 #include "kernels.h"
 #include "vec_helpers.h"
+// after vec_helpers.h: its SIMD zero_where_zero must be declared before the templates that call it
+#include "../common/row_math.h"
 
 namespace kdfast::cpu::CPU_CAPABILITY {
 namespace {
 
-// Row statistics and the affine map h = A·(z − μ) (+ constant) of one normalisation, with what its
-// backward needs: dz = A·g − A·back·Σg(z−μ)·(z − μ) − [centred]·A·Σg/C.
+namespace math = kdfast::row_math;
+
+// A row's raw max and sum and its normalisation map, from the pass that reads it.
 template <typename acc_t>
-struct RowStats {
+struct RowStatistics {
   acc_t max = 0, sum = 0;
-  acc_t scale = 1;     // A
-  acc_t mean = 0;      // μ (0 for "none" and "l2", which do not centre)
-  acc_t back = 0;      // factor of the projection term; 0 where the statistic is clamped
-  bool centred = false;
+  math::NormalisationMap<acc_t> map;
 };
 
 template <typename acc_t>
-RowStats<acc_t> row_stats(const acc_t* z, int64_t n, int mode, acc_t kappa, acc_t eps) {
-  RowStats<acc_t> s;
-  acc_t squares = 0;
-  row_max_sum(z, n, s.max, s.sum, mode == kNormL2 ? &squares : nullptr);
-  if (mode == kNormLayerNorm) {
-    // κ·(z − μ)/sqrt(var + eps), biased variance
-    s.mean = s.sum / n;
-    const acc_t var_eps = centred_squares(z, n, s.mean) / n + eps;
-    s.scale = kappa / std::sqrt(var_eps);
-    s.back = 1 / (n * var_eps);
-    s.centred = true;
-  } else if (mode == kNormL2) {
-    // κ·z/max(‖z‖, eps); below eps the clamp cuts the norm out of the gradient
-    const acc_t norm = std::sqrt(squares);
-    if (norm >= eps) {
-      s.scale = kappa / norm;
-      s.back = 1 / (norm * norm);
-    } else {
-      s.scale = kappa / eps;
-    }
-  } else if (mode == kNormStandardize) {
-    // κ·(z − μ)/(std + eps), unbiased std clamped at the smallest normal number like the reference
-    s.mean = s.sum / n;
-    const acc_t dof = n > 1 ? static_cast<acc_t>(n - 1) : acc_t(1);
-    const acc_t var = centred_squares(z, n, s.mean) / dof;
-    const acc_t tiny = std::numeric_limits<acc_t>::min();
-    const acc_t std_dev = std::sqrt(std::max(var, tiny));
-    const acc_t denom = std_dev + eps;
-    s.scale = kappa / denom;
-    s.back = var < tiny ? acc_t(0) : 1 / (denom * std_dev * dof);
-    s.centred = true;
-  }
+RowStatistics<acc_t> row_statistics(const acc_t* z, int64_t n, int normalize, acc_t kappa, acc_t eps) {
+  RowStatistics<acc_t> s;
+  acc_t squares = 0, centred = 0;
+  row_max_sum(z, n, s.max, s.sum, math::needs_squares(normalize) ? &squares : nullptr);
+  if (math::needs_centred_squares(normalize)) centred = centred_squares(z, n, math::row_mean(normalize, s.sum, n));
+  s.map = math::normalisation_map(normalize, n, s.sum, squares, centred, kappa, eps);
   return s;
 }
 
-// bs = exp(as·(zs − ms)), bt = exp(at·(zt − mt)) and their sums, plus W = Σ bt·(log-args difference):
-// KL(q‖p) = W/Zt + log(Zs/Zt). Teacher entries that underflow contribute 0 (0·log 0 = 0).
+// bs = exp(as·(zs − ms)), bt = exp(at·(zt − mt)) and their sums, plus W = Σ kl_entry(bt, lt − ls)
+// in nats: KL(q‖p) = W/Zt + log(Zs/Zt).
 template <typename acc_t>
 void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms, acc_t at, acc_t mt,
                 acc_t* bs, acc_t* bt, acc_t& zs_sum, acc_t& zt_sum, acc_t& weighted, NextRowPrefetch& prefetch) {
@@ -82,7 +58,7 @@ void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms,
     et.store(bt + i);
     vzs = vzs + es;
     vzt = vzt + et;
-    vw = at::vec::fmadd(et, lt - ls, vw);
+    vw = vw + math::kl_entry(et, lt - ls);
   }
   acc_t s_sum = horizontal_sum(vzs), t_sum = horizontal_sum(vzt), w = horizontal_sum(vw);
   for (; i < n; ++i) {
@@ -91,27 +67,43 @@ void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms,
     bt[i] = teacher_exp(lt);
     s_sum += bs[i];
     t_sum += bt[i];
-    w += bt[i] * (lt - ls);
+    w += math::kl_entry(bt[i], lt - ls);
   }
   zs_sum = s_sum;
   zt_sum = t_sum;
   weighted = w * ScaledExp<acc_t>::kNatsPerUnit;
 }
 
-// g = k0 + cs·bs − ct·bt + c1·b1 (each term only when its row exists), written to out (which may
-// alias bs); with kAccumulate also Σg and Σg·(z − μ) for the normalisation's backward.
+//: the vector at row + i when the row exists (kHas), else zeros (a missing row is never read)
+template <bool kHas, typename acc_t>
+inline Vectorized<acc_t> load_if(const acc_t* row, int64_t i) {
+  if constexpr (kHas) {
+    return Vectorized<acc_t>::loadu(row + i);
+  } else {
+    return Vectorized<acc_t>(0);
+  }
+}
+
+template <bool kHas, typename acc_t>
+inline acc_t read_if(const acc_t* row, int64_t i) {
+  if constexpr (kHas) {
+    return row[i];
+  } else {
+    return 0;
+  }
+}
+
+// g = logit_gradient(bs, bt, b1) written to out (which may alias bs); with kAccumulate also Σg and
+// Σg·(z − μ) for the normalisation's backward.
 template <typename acc_t, bool kS, bool kT, bool k1, bool kAccumulate>
-void gradient_pass(const acc_t* bs, const acc_t* bt, const acc_t* b1, acc_t cs, acc_t ct, acc_t c1, acc_t k0,
+void gradient_pass(const acc_t* bs, const acc_t* bt, const acc_t* b1, const math::RowCoefficients<acc_t>& c,
                    const acc_t* z, acc_t mean, acc_t* out, int64_t n, acc_t& g_sum, acc_t& gd_sum) {
   using Vec = Vectorized<acc_t>;
-  const Vec vcs(cs), vct(ct), vc1(c1), vk0(k0), vmean(mean);
+  const Vec vmean(mean);
   Vec vg(0), vgd(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec g = vk0;
-    if constexpr (kS) g = at::vec::fmadd(vcs, Vec::loadu(bs + i), g);
-    if constexpr (kT) g = g - vct * Vec::loadu(bt + i);
-    if constexpr (k1) g = at::vec::fmadd(vc1, Vec::loadu(b1 + i), g);
+    const Vec g = math::logit_gradient<kS, kT, k1>(c, load_if<kS>(bs, i), load_if<kT>(bt, i), load_if<k1>(b1, i));
     g.store(out + i);
     if constexpr (kAccumulate) {
       vg = vg + g;
@@ -120,10 +112,7 @@ void gradient_pass(const acc_t* bs, const acc_t* bt, const acc_t* b1, acc_t cs, 
   }
   acc_t gs = horizontal_sum(vg), gds = horizontal_sum(vgd);
   for (; i < n; ++i) {
-    acc_t g = k0;
-    if constexpr (kS) g += cs * bs[i];
-    if constexpr (kT) g -= ct * bt[i];
-    if constexpr (k1) g += c1 * b1[i];
+    const acc_t g = math::logit_gradient<kS, kT, k1>(c, read_if<kS>(bs, i), read_if<kT>(bt, i), read_if<k1>(b1, i));
     out[i] = g;
     if constexpr (kAccumulate) {
       gs += g;
@@ -135,26 +124,25 @@ void gradient_pass(const acc_t* bs, const acc_t* bt, const acc_t* b1, acc_t cs, 
 }
 
 template <typename acc_t, bool kS, bool kT, bool k1>
-void gradient_pass_acc(bool accumulate, const acc_t* bs, const acc_t* bt, const acc_t* b1, acc_t cs, acc_t ct,
-                       acc_t c1, acc_t k0, const acc_t* z, acc_t mean, acc_t* out, int64_t n, acc_t& g_sum,
-                       acc_t& gd_sum) {
+void gradient_pass_acc(bool accumulate, const acc_t* bs, const acc_t* bt, const acc_t* b1,
+                       const math::RowCoefficients<acc_t>& c, const acc_t* z, acc_t mean, acc_t* out, int64_t n,
+                       acc_t& g_sum, acc_t& gd_sum) {
   if (accumulate) {
-    gradient_pass<acc_t, kS, kT, k1, true>(bs, bt, b1, cs, ct, c1, k0, z, mean, out, n, g_sum, gd_sum);
+    gradient_pass<acc_t, kS, kT, k1, true>(bs, bt, b1, c, z, mean, out, n, g_sum, gd_sum);
   } else {
-    gradient_pass<acc_t, kS, kT, k1, false>(bs, bt, b1, cs, ct, c1, k0, z, mean, out, n, g_sum, gd_sum);
+    gradient_pass<acc_t, kS, kT, k1, false>(bs, bt, b1, c, z, mean, out, n, g_sum, gd_sum);
   }
 }
 
 // Run-time flags → one of the specialised loops (the modes are fixed for a whole call).
 template <typename acc_t>
 void gradient_dispatch(bool has_s, bool has_t, bool has_1, bool accumulate, const acc_t* bs, const acc_t* bt,
-                       const acc_t* b1, acc_t cs, acc_t ct, acc_t c1, acc_t k0, const acc_t* z, acc_t mean,
+                       const acc_t* b1, const math::RowCoefficients<acc_t>& c, const acc_t* z, acc_t mean,
                        acc_t* out, int64_t n, acc_t& g_sum, acc_t& gd_sum) {
-#define KDFAST_GRAD_CASE(S, T, ONE)                                                                     \
-  if (has_s == S && has_t == T && has_1 == ONE) {                                                       \
-    gradient_pass_acc<acc_t, S, T, ONE>(accumulate, bs, bt, b1, cs, ct, c1, k0, z, mean, out, n, g_sum, \
-                                        gd_sum);                                                        \
-    return;                                                                                             \
+#define KDFAST_GRAD_CASE(S, T, ONE)                                                                      \
+  if (has_s == S && has_t == T && has_1 == ONE) {                                                        \
+    gradient_pass_acc<acc_t, S, T, ONE>(accumulate, bs, bt, b1, c, z, mean, out, n, g_sum, gd_sum);      \
+    return;                                                                                              \
   }
   KDFAST_GRAD_CASE(true, true, true)
   KDFAST_GRAD_CASE(true, true, false)
@@ -167,18 +155,16 @@ void gradient_dispatch(bool has_s, bool has_t, bool has_1, bool accumulate, cons
 #undef KDFAST_GRAD_CASE
 }
 
-// out = A·g − k·(z − μ) − c (out may be g itself)
+// out = normalised_gradient(g, z) (out may be g itself)
 template <typename acc_t>
-void normalisation_backward(const acc_t* g, const acc_t* z, int64_t n, acc_t scale, acc_t k, acc_t mean, acc_t c,
-                            acc_t* out) {
+void normalisation_backward_pass(const acc_t* g, const acc_t* z, int64_t n, const math::NormalisationBackward<acc_t>& b,
+                                 acc_t* out) {
   using Vec = Vectorized<acc_t>;
-  const Vec vscale(scale), vk(k), vmean(mean), vc(c);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec v = vscale * Vec::loadu(g + i) - vk * (Vec::loadu(z + i) - vmean) - vc;
-    v.store(out + i);
+    math::normalised_gradient(Vec::loadu(g + i), Vec::loadu(z + i), b).store(out + i);
   }
-  for (; i < n; ++i) out[i] = scale * g[i] - k * (z[i] - mean) - c;
+  for (; i < n; ++i) out[i] = math::normalised_gradient(g[i], z[i], b);
 }
 
 template <typename scalar_t>
@@ -197,37 +183,20 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
   auto* grad = static_cast<scalar_t*>(a.grad);
   auto* loss = static_cast<acc_t*>(a.loss);
 
-  const acc_t temperature = static_cast<acc_t>(a.temperature);
-  const acc_t kappa = static_cast<acc_t>(a.multiplier), eps = static_cast<acc_t>(a.eps);
-  const acc_t kl_weight = static_cast<acc_t>(a.kl_weight), ce_weight = static_cast<acc_t>(a.ce_weight);
-  const acc_t uniform_weight = static_cast<acc_t>(a.uniform_weight);
-  const bool kl = a.kl_weight != 0 && a.teacher_mode != kTeacherNone;
-  const bool soft_teacher = kl && a.teacher_mode == kTeacherSoftmax;
-  const bool partial_teacher = kl && a.teacher_mode == kTeacherPartial;
-  const bool ce = a.ce_weight != 0;
-  const bool unit_softmax = ce || a.uniform_weight != 0;     // p = softmax(h) at T = 1
-  const bool share_unit = unit_softmax && kl && a.temperature == 1.0;
-  const bool reweight = a.reweight && ce;
-  const bool uses_label = ce || partial_teacher;
-  const bool normalised = a.normalize != kNormNone;
+  const RowSoftmaxFlags f = row_softmax_flags(a);
+  const math::RowSoftmaxScalars<acc_t> p = math::row_softmax_scalars<acc_t>(a);
+  const acc_t inv_t = 1 / p.temperature;
   // Where g goes first: straight into the output when nothing follows it.
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
-  const bool direct = !normalised && kSameType;
+  const bool direct = !f.normalised && kSameType;
 
   bool labels_ok = true;
   for (int64_t r = begin; r < end; ++r) {
     scalar_t* grad_row = grad + r * n;
-    int64_t y = -1;
-    if (a.target != nullptr) {
-      y = a.target[r];
-      if (y == a.ignore_index) {
-        zero_row(grad_row, n);
-        loss[r] = 0;
-        continue;
-      }
-    }
-    if (uses_label && (y < 0 || y >= n)) {
-      labels_ok = false;
+    const int64_t y = a.target != nullptr ? a.target[r] : -1;
+    const RowAction action = row_action(y, a.target != nullptr, a.ignore_index, f.uses_label, n);
+    if (action != RowAction::kCompute) {
+      labels_ok = labels_ok && action == RowAction::kIgnore;
       zero_row(grad_row, n);
       loss[r] = 0;
       continue;
@@ -241,112 +210,46 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
     }
 
     const acc_t* zs = widen_row(student + r * n, n, student_buffer);
-    const RowStats<acc_t> s = row_stats(zs, n, a.normalize, kappa, eps);
-    const acc_t scale_t = s.scale / temperature;  // student log-softmax at T: scale_t·(z − max) − log Zs
+    const RowStatistics<acc_t> s = row_statistics(zs, n, f.normalize, p.kappa, p.eps);
+    const acc_t* zt = f.reads_teacher ? widen_row(teacher + r * n, n, teacher_buffer) : nullptr;
+    math::RowSums<acc_t> sums;
+    sums.student_max = s.max;
+    sums.student_sum = s.sum;
+    if (f.uses_label) sums.student_label = zs[y];
+    if (f.reads_teacher && f.uses_label) sums.teacher_label = zt[y];
 
-    acc_t row_loss = 0;
-    acc_t cs = 0, ct = 0, c1 = 0, k0 = 0, fix_y = 0;  // g = k0 + cs·bs − ct·bt + c1·b1, plus fix_y at y
-    acc_t zs_sum = 1;
-
-    if (soft_teacher) {
-      const acc_t* zt = widen_row(teacher + r * n, n, teacher_buffer);
-      const RowStats<acc_t> t = row_stats(zt, n, a.normalize, kappa, eps);
-      acc_t zt_sum, weighted;
-      paired_exp(zs, zt, n, scale_t, s.max, t.scale / temperature, t.max, exp_student, exp_teacher, zs_sum, zt_sum,
-                 weighted, next);
-      row_loss += kl_weight * (weighted / zt_sum + std::log(zs_sum / zt_sum));
-      cs = kl_weight / (temperature * zs_sum);
-      ct = kl_weight / (temperature * zt_sum);
-    } else if (partial_teacher) {
-      // q keeps ρ = σ_T(z^t)[y] and spreads 1 − ρ evenly over the other classes; log(1 − ρ) comes
-      // from the log-sum-exp over c ≠ y with its own max, never from 1 − ρ (spec §4c).
-      const acc_t* zt = widen_row(teacher + r * n, n, teacher_buffer);
-      const acc_t inv_t = 1 / temperature;
-      const acc_t rest_max = std::max(row_max(zt, y), row_max(zt + y + 1, n - y - 1));
-      const acc_t teacher_max = std::max(zt[y], rest_max);
-      const acc_t log_true = (zt[y] - teacher_max) * inv_t;
-      acc_t log_rest = kNegInf<acc_t>;
-      if (n > 1) {
-        const acc_t rest_sum = sum_exp(zt, y, inv_t, rest_max, static_cast<acc_t*>(nullptr)) +
-                               sum_exp(zt + y + 1, n - y - 1, inv_t, rest_max, static_cast<acc_t*>(nullptr));
-        log_rest = std::log(rest_sum) + (rest_max - teacher_max) * inv_t;
-      }
-      const acc_t log_total = std::log(std::exp(log_true) + std::exp(log_rest));  // one term is exp(0)
-      const acc_t log_rho = log_true - log_total, log_not_rho = log_rest - log_total;
-      const acc_t rho = std::exp(log_rho), not_rho = std::exp(log_not_rho);
-
-      zs_sum = sum_exp(zs, n, scale_t, s.max, exp_student, &next);
-      const acc_t log_zs = std::log(zs_sum);
-      const acc_t log_p_true = scale_t * (zs[y] - s.max) - log_zs;
-      const acc_t sum_log_p = scale_t * (s.sum - n * s.max) - n * log_zs;
-      acc_t kl_value = 0;
-      if (rho != 0) kl_value += rho * (log_rho - log_p_true);  // 0·log 0 = 0 (a NaN still counts)
-      acc_t q_other = 0;
-      if (n > 1 && not_rho != 0) {
-        const acc_t others = static_cast<acc_t>(n - 1);
-        q_other = not_rho / others;
-        kl_value += not_rho * (log_not_rho - std::log(others)) - q_other * (sum_log_p - log_p_true);
-      }
-      row_loss += kl_weight * kl_value;
-      cs = kl_weight / (temperature * zs_sum);
-      k0 -= kl_weight / temperature * q_other;
-      fix_y -= kl_weight / temperature * (rho - q_other);
+    if (f.soft_teacher) {
+      const RowStatistics<acc_t> t = row_statistics(zt, n, f.normalize, p.kappa, p.eps);
+      paired_exp(zs, zt, n, s.map.scale * inv_t, s.max, t.map.scale * inv_t, t.max, exp_student, exp_teacher,
+                 sums.student_exp, sums.teacher_exp, sums.kl_weighted, next);
+    } else if (f.partial_teacher) {
+      sums.rest_max = math::max_keep_nan(row_max(zt, y), row_max(zt + y + 1, n - y - 1));
+      const acc_t shift = math::exp_shift(sums.rest_max);
+      sums.rest_exp = sum_exp(zt, y, inv_t, shift, static_cast<acc_t*>(nullptr)) +
+                      sum_exp(zt + y + 1, n - y - 1, inv_t, shift, static_cast<acc_t*>(nullptr));
+      sums.student_exp = sum_exp(zs, n, s.map.scale * inv_t, s.max, exp_student, &next);
     }
-
-    if (unit_softmax) {
-      acc_t unit_sum;
-      if (share_unit) {
-        unit_sum = zs_sum;
-      } else {
-        unit_sum = sum_exp(zs, n, s.scale, s.max, exp_unit, &next);
-      }
-      const acc_t log_unit = std::log(unit_sum);
-      if (ce) {
-        const acc_t nll = log_unit - s.scale * (zs[y] - s.max);
-        acc_t weight = 1;
-        if (reweight) {
-          // detached w = 1 − α(1 − ρ)/max(1 − p_y, eps), ρ from the raw teacher at T
-          const acc_t* zt = widen_row(teacher + r * n, n, teacher_buffer);
-          const acc_t inv_t = 1 / temperature;
-          const acc_t teacher_max = row_max(zt, n);
-          const acc_t teacher_sum = sum_exp(zt, n, inv_t, teacher_max, static_cast<acc_t*>(nullptr));
-          const acc_t rho = std::exp((zt[y] - teacher_max) * inv_t) / teacher_sum;
-          const acc_t p_true = std::exp(-nll);
-          weight = 1 - static_cast<acc_t>(a.reweight_alpha) * (1 - rho) /
-                           std::max(1 - p_true, static_cast<acc_t>(a.reweight_eps));
-        }
-        row_loss += ce_weight * weight * nll;
-        c1 += ce_weight * weight / unit_sum;
-        fix_y -= ce_weight * weight;
-      }
-      if (a.uniform_weight != 0) {
-        // −mean_c log p_c = log Z − mean of the log-args
-        row_loss += uniform_weight * (log_unit - s.scale * (s.sum / n - s.max));
-        c1 += uniform_weight / unit_sum;
-        k0 -= uniform_weight / n;
-      }
-      if (share_unit) {
-        cs += c1;
-        c1 = 0;
-      }
+    if (f.unit_softmax && !f.share_unit) sums.unit_exp = sum_exp(zs, n, s.map.scale, s.max, exp_unit, &next);
+    if (f.reweight) {
+      sums.raw_teacher_max = row_max(zt, n);
+      sums.raw_teacher_exp = sum_exp(zt, n, inv_t, sums.raw_teacher_max, static_cast<acc_t*>(nullptr));
     }
-    loss[r] = row_loss;
+    const math::RowCoefficients<acc_t> c = math::row_coefficients(f, p, s.map, n, sums);
+    loss[r] = c.loss;
 
     acc_t* g = direct ? reinterpret_cast<acc_t*>(grad_row) : exp_student;
     acc_t g_sum = 0, gd_sum = 0;
-    const bool has_s = kl, has_t = soft_teacher, has_1 = unit_softmax && !share_unit;
-    gradient_dispatch<acc_t>(has_s, has_t, has_1, normalised, exp_student, exp_teacher, exp_unit, cs, ct, c1, k0, zs,
-                             s.mean, g, n, g_sum, gd_sum);
-    if (fix_y != 0) {
-      g[y] += fix_y;
-      g_sum += fix_y;
-      gd_sum += fix_y * (zs[y] - s.mean);
+    gradient_dispatch<acc_t>(f.kl, f.soft_teacher, f.unit_softmax && !f.share_unit, f.normalised, exp_student,
+                             exp_teacher, exp_unit, c, zs, s.map.mean, g, n, g_sum, gd_sum);
+    if (c.at_label != 0) {
+      g[y] += c.at_label;
+      g_sum += c.at_label;
+      gd_sum += c.at_label * (zs[y] - s.map.mean);
     }
-    if (normalised) {
+    if (f.normalised) {
       // the last pass writes the output itself when no narrowing follows
-      const acc_t centre = s.centred ? s.scale * g_sum / n : acc_t(0);
       acc_t* out = kSameType ? reinterpret_cast<acc_t*>(grad_row) : g;
-      normalisation_backward(g, zs, n, s.scale, s.scale * s.back * gd_sum, s.mean, centre, out);
+      normalisation_backward_pass(g, zs, n, math::normalisation_backward(s.map, g_sum, gd_sum, n), out);
     }
     if (!kSameType) narrow_row(g, grad_row, n);
   }

@@ -271,3 +271,14 @@ inline acc_t sum_exp(const acc_t* x, int64_t n, acc_t scale, acc_t shift, acc_t*
 
 }  // namespace
 }  // namespace kdfast::cpu::CPU_CAPABILITY
+
+// The SIMD form of csrc/common/row_math.h's zero_where_zero (its scalar template is the rule; this
+// overload, declared before that header is included, lets the elementwise templates there run on
+// whole vectors): 0 in the lanes where `weight` is exactly 0, x elsewhere.
+namespace kdfast::row_math {
+template <typename T>
+inline at::vec::Vectorized<T> zero_where_zero(const at::vec::Vectorized<T>& weight, const at::vec::Vectorized<T>& x) {
+  using Vec = at::vec::Vectorized<T>;
+  return Vec::blendv(x, Vec(0), weight == Vec(0));
+}
+}  // namespace kdfast::row_math

@@ -1,9 +1,11 @@
-// The feature–centre family on CUDA: the ND loss (spec §2a–2c, §6 kernel B), the same per-row math
-// as csrc/cpu/feature_centre.cpp: gather the centre, four dot products in one pass, branch, then a
-// second pass writes −ê/M + [student branch]·⟨u, ê⟩/(M²‖u‖)·u. A warp per row for small feature
-// dimensions, a block per row otherwise; int64 offsets, 16-byte loads when aligned.
+// The feature–centre family on CUDA: the ND loss. Gather the centre, four dot products in one pass,
+// csrc/common/row_math.h's feature_centre_terms (the same as the CPU kernel's), then a second pass
+// writes kc·c + ku·u. Rows whose label is ignore_index get loss 0 and a zero gradient. A warp per
+// row for small feature dimensions, a block per row otherwise; int64 offsets, 16-byte loads when aligned.
 #include "common.cuh"
 #include "launchers.h"
+
+#include "../common/row_math.h"
 
 #include <algorithm>
 
@@ -24,7 +26,7 @@ __device__ void nd_row(const FeatureCentreArgs& a, int64_t row, int lane, int la
   const T* f = static_cast<const T*>(a.teacher) + row * n;
   T* grad = static_cast<T*>(a.grad) + row * n;
   const int64_t y = a.target[row];
-  if (y < 0 || y >= a.num_centres) {  // the glue asserts on labels; never read outside the table
+  if (row_action(y, true, a.ignore_index, true, a.num_centres) != RowAction::kCompute) {
     for (int64_t i = lane; i < n; i += lanes) grad[i] = from_acc<T>(acc_t(0));
     if (lane == 0) static_cast<acc_t*>(a.loss)[row] = 0;
     return;
@@ -40,18 +42,12 @@ __device__ void nd_row(const FeatureCentreArgs& a, int64_t row, int lane, int la
   for_each_pair(f, static_cast<const T*>(nullptr), n, lane, lanes, [&](int64_t, acc_t v, acc_t) { teacher_sq[0] += v * v; });
   acc_t all[4] = {dots[0], dots[1], dots[2], teacher_sq[0]};
   group_reduce<kWarpGroup, false>(all, shared);
-  const acc_t eps = static_cast<acc_t>(a.eps);
-  const acc_t centre_norm = fmax(sqrt_acc(all[1]), eps);
-  const acc_t u_norm = sqrt_acc(all[2]), teacher_norm = sqrt_acc(all[3]);
-  const bool student_branch = u_norm >= teacher_norm;  // a tie takes the cosine branch
-  const acc_t raw_scale = student_branch ? u_norm : teacher_norm;
-  const acc_t scale = fmax(raw_scale, eps);
-  const acc_t cosine_part = all[0] / centre_norm;
-  if (lane == 0) static_cast<acc_t*>(a.loss)[row] = 1 - cosine_part / scale;
-  const acc_t kc = -1 / (centre_norm * scale);
-  const bool through_norm = student_branch && raw_scale >= eps && u_norm > 0;
-  const acc_t ku = through_norm ? cosine_part / (scale * scale * u_norm) : acc_t(0);
-  for_each_pair(u, c, n, lane, lanes, [&](int64_t i, acc_t uu, acc_t cc) { grad[i] = from_acc<T>(kc * cc + ku * uu); });
+  const row_math::CentreTerms<acc_t> terms =
+      row_math::feature_centre_terms(all[0], all[1], all[2], all[3], static_cast<acc_t>(a.eps));
+  if (lane == 0) static_cast<acc_t*>(a.loss)[row] = terms.loss;
+  for_each_pair(u, c, n, lane, lanes, [&](int64_t i, acc_t uu, acc_t cc) {
+    grad[i] = from_acc<T>(row_math::feature_centre_gradient(terms, cc, uu));
+  });
 }
 
 template <typename T>

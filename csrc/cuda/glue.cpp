@@ -19,22 +19,15 @@
 namespace kdfast::cuda {
 namespace {
 
-//: landmark_gram kind codes (csrc/cpu/ops.h)
-constexpr int64_t kGramSmoothL1 = 0, kGramSquared = 1;
-
-using glue::element_type;
 using glue::loss_type;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // Device-side check of the labels (no host sync); the kernels also skip bad rows, so an invalid
 // label is an assertion failure, never an out-of-bounds read.
-void assert_labels(const at::Tensor& target, int64_t low, int64_t high, std::optional<int64_t> ignore,
-                   const char* message) {
+void assert_labels(const at::Tensor& target, int64_t high, int64_t ignore, const char* message) {
   if (target.numel() == 0) return;
-  at::Tensor bad = (target < low) | (target >= high);
-  if (ignore.has_value()) bad = bad & (target != *ignore);
-  at::_assert_async(bad.any().logical_not(), message);
+  at::_assert_async(glue::bad_labels(target, 0, high, ignore).any().logical_not(), message);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
@@ -50,8 +43,8 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                         uniform_weight, reweight, reweight_alpha, reweight_eps,
                                                         ignore_index);
   RowSoftmaxArgs& args = call.args;
-  if (call.target.defined() && call.needs.label) {
-    assert_labels(call.target, 0, args.classes, ignore_index, "kdfast::row_softmax: target outside [0, classes)");
+  if (call.target.defined() && call.flags.uses_label) {
+    assert_labels(call.target, args.classes, ignore_index, "kdfast::row_softmax: target outside [0, classes)");
   }
   at::Tensor grad = at::empty_like(call.student);
   at::Tensor loss = at::empty({args.rows}, student.options().dtype(loss_type(student)));
@@ -62,32 +55,17 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
 }
 
 std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
-                                                  const at::Tensor& target, const at::Tensor& centres, double eps) {
+                                                  const at::Tensor& target, const at::Tensor& centres, double eps,
+                                                  int64_t ignore_index) {
   constexpr const char* op = "kdfast::feature_centre (cuda)";
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), op,
-              ": student and teacher features must be 2-D and alike");
-  TORCH_CHECK(centres.dim() == 2 && centres.size(1) == student.size(1), op, ": centres must be [classes, ",
-              student.size(1), "]");
   const c10::cuda::CUDAGuard guard(student.device());
-  FeatureCentreArgs args;
-  args.type = element_type(student, op);
-  const at::Tensor student_c = student.contiguous();
-  const at::Tensor teacher_c = teacher.to(student.scalar_type()).contiguous();
-  const at::Tensor centres_c = centres.to(student.scalar_type()).contiguous();
-  const at::Tensor target_c = glue::checked_target(target, student.size(0), op);
-  assert_labels(target_c, 0, centres_c.size(0), std::nullopt, "kdfast::feature_centre: target outside the centres");
-  at::Tensor grad = at::empty_like(student_c);
-  at::Tensor loss = at::empty({student.size(0)}, student.options().dtype(loss_type(student)));
-  args.student = student_c.data_ptr();
-  args.teacher = teacher_c.data_ptr();
-  args.target = target_c.data_ptr<int64_t>();
-  args.centres = centres_c.data_ptr();
-  args.num_centres = centres_c.size(0);
+  glue::FeatureCentreCall call = glue::prepare_feature_centre(op, student, teacher, target, centres, eps, ignore_index);
+  FeatureCentreArgs& args = call.args;
+  assert_labels(call.target, args.num_centres, ignore_index, "kdfast::feature_centre: target outside the centres");
+  at::Tensor grad = at::empty_like(call.student);
+  at::Tensor loss = at::empty({args.rows}, student.options().dtype(loss_type(student)));
   args.grad = grad.data_ptr();
   args.loss = loss.data_ptr();
-  args.rows = student.size(0);
-  args.dim = student.size(1);
-  args.eps = eps;
   C10_CUDA_CHECK(launch_feature_centre(args, current_stream()));
   return {loss, grad};
 }
@@ -98,13 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                                              const at::Tensor& teacher_landmarks, int64_t kind,
                                                              double beta, double weight, bool normalize, double eps) {
   constexpr const char* op = "kdfast::landmark_gram (cuda)";
-  TORCH_CHECK(kind == kGramSmoothL1 || kind == kGramSquared, op, ": unknown kind ", kind);
-  TORCH_CHECK(student_features.dim() == 2 && teacher_features.dim() == 2 && student_landmarks.dim() == 2 &&
-                  teacher_landmarks.dim() == 2 && teacher_features.size(0) == student_features.size(0) &&
-                  teacher_landmarks.size(0) == student_landmarks.size(0) &&
-                  student_landmarks.size(1) == student_features.size(1) &&
-                  teacher_landmarks.size(1) == teacher_features.size(1),
-              op, ": shapes do not match");
+  glue::check_landmark_gram(op, student_features, teacher_features, student_landmarks, teacher_landmarks, kind, beta);
   const c10::cuda::CUDAGuard guard(student_features.device());
   const auto compute = student_features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor cs = student_landmarks.to(compute);

@@ -1,9 +1,12 @@
 // The landmark-Gram family on CUDA (spec §3a–3c): the GEMMs S^s = F^s·C^sᵀ, S^t = F^t·C^tᵀ and
 // G·C^s run through torch (cuBLAS) in csrc/cuda/glue.cpp; this is the fused elementwise epilogue
 // between them. One warp per row of the B×m residual: R = S^s − S^t, per-row Σ huber_β(R) or ΣR²,
-// per-row Σ(S^t)² (for ‖S^t‖_F), and G = ∂ℓ/∂R written in place of S^s.
+// per-row Σ(S^t)² (for ‖S^t‖_F), and G = ∂ℓ/∂R written in place of S^s (csrc/common/row_math.h's
+// gram_entry, as on the CPU).
 #include "common.cuh"
 #include "launchers.h"
+
+#include "../common/row_math.h"
 
 #include <algorithm>
 
@@ -12,8 +15,6 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int64_t kMaxGridRows = 65535LL * 32;
-//: kind codes (csrc/cpu/ops.h GramKind)
-constexpr int kSmoothL1 = 0;
 
 template <typename acc_t>
 __global__ void gram_epilogue_kernel(acc_t* student_gram, const acc_t* teacher_gram, acc_t* loss_rows,
@@ -26,21 +27,10 @@ __global__ void gram_epilogue_kernel(acc_t* student_gram, const acc_t* teacher_g
     const acc_t* t = teacher_gram + row * landmarks;
     acc_t sums[2] = {0, 0};  // loss, Σ(S^t)²
     for (int64_t j = lane; j < landmarks; j += kWarpSize) {
-      const acc_t r = s[j] - t[j];
+      const row_math::GramEntry<acc_t> entry = row_math::gram_entry(kind, s[j] - t[j], beta);
+      sums[0] += entry.loss;
       sums[1] += t[j] * t[j];
-      if (kind == kSmoothL1) {
-        const acc_t size = fabs(r);
-        if (size < beta) {
-          sums[0] += acc_t(0.5) * r * r / beta;
-          s[j] = r / beta;
-        } else {
-          sums[0] += size - acc_t(0.5) * beta;
-          s[j] = r > 0 ? acc_t(1) : acc_t(-1);
-        }
-      } else {
-        sums[0] += r * r;
-        s[j] = 2 * r;
-      }
+      s[j] = entry.grad;
     }
     warp_sum(sums);
     if (lane == 0) {

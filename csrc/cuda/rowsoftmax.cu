@@ -1,7 +1,7 @@
-// The row-softmax family on CUDA (spec §6 kernel A); the same per-row math as csrc/cpu/rowsoftmax.cpp
-// (read that file's header for the algebra): statistics → exp sums → loss and gradient
-// coefficients → gradient (→ normalisation backward). Exps are recomputed in the gradient pass
-// rather than stored: on a GPU the passes are bound by memory, not by exp.
+// The row-softmax family on CUDA: the per-row math is csrc/common/row_math.h (the same functions
+// as the CPU kernels): statistics → exp sums → loss and gradient coefficients → gradient
+// (→ normalisation backward). Exps are recomputed in the gradient pass rather than stored: on a
+// GPU the passes are bound by memory, not by exp.
 //
 // Three launch shapes, chosen by the number of classes C (see launch_row_softmax):
 //   * warp per row, C ≤ kWarpRowMaxClasses: a row is a few KB, re-read from L1/L2;
@@ -13,18 +13,14 @@
 #include "common.cuh"
 #include "launchers.h"
 
+#include "../common/row_math.h"
+
 #include <algorithm>
 
 namespace kdfast::cuda {
 namespace {
 
-using kdfast::cpu::kNormL2;
-using kdfast::cpu::kNormLayerNorm;
-using kdfast::cpu::kNormNone;
-using kdfast::cpu::kNormStandardize;
-using kdfast::cpu::kTeacherNone;
-using kdfast::cpu::kTeacherPartial;
-using kdfast::cpu::kTeacherSoftmax;
+namespace math = kdfast::row_math;
 
 //: largest C handled by one warp per row
 constexpr int64_t kWarpRowMaxClasses = 1024;
@@ -35,87 +31,32 @@ constexpr int kRowBlockThreads = 512;
 //: grid cap; larger batches loop over rows (grid-stride)
 constexpr int64_t kMaxGridRows = 65535LL * 32;
 
-// Mode flags and scalar parameters, identical for every row of a call.
+// What every row of a call shares: the flags and scalars of the contract.
 template <typename acc_t>
 struct Params {
   int64_t n;
-  int normalize;
-  bool kl, soft_teacher, partial_teacher, ce, uniform, unit_softmax, share_unit, reweight, uses_label, normalised;
-  acc_t temperature, kappa, eps, kl_weight, ce_weight, uniform_weight, reweight_alpha, reweight_eps;
   int64_t ignore_index;
+  RowSoftmaxFlags flags;
+  math::RowSoftmaxScalars<acc_t> scalars;
 };
 
 template <typename acc_t>
 Params<acc_t> make_params(const RowSoftmaxArgs& a) {
-  Params<acc_t> p;
-  p.n = a.classes;
-  p.normalize = a.normalize;
-  p.kl = a.kl_weight != 0 && a.teacher_mode != kTeacherNone;
-  p.soft_teacher = p.kl && a.teacher_mode == kTeacherSoftmax;
-  p.partial_teacher = p.kl && a.teacher_mode == kTeacherPartial;
-  p.ce = a.ce_weight != 0;
-  p.uniform = a.uniform_weight != 0;
-  p.unit_softmax = p.ce || p.uniform;
-  p.share_unit = p.unit_softmax && p.kl && a.temperature == 1.0;
-  p.reweight = a.reweight && p.ce;
-  p.uses_label = p.ce || p.partial_teacher;
-  p.normalised = a.normalize != kNormNone;
-  p.temperature = static_cast<acc_t>(a.temperature);
-  p.kappa = static_cast<acc_t>(a.multiplier);
-  p.eps = static_cast<acc_t>(a.eps);
-  p.kl_weight = static_cast<acc_t>(a.kl_weight);
-  p.ce_weight = static_cast<acc_t>(a.ce_weight);
-  p.uniform_weight = static_cast<acc_t>(a.uniform_weight);
-  p.reweight_alpha = static_cast<acc_t>(a.reweight_alpha);
-  p.reweight_eps = static_cast<acc_t>(a.reweight_eps);
-  p.ignore_index = a.ignore_index;
-  return p;
+  return {a.classes, a.ignore_index, row_softmax_flags(a), math::row_softmax_scalars<acc_t>(a)};
 }
 
-// Normalisation of one row as the affine map h = scale·(z − mean) (+ const), with its backward
-// dz = scale·g − scale·back·Σg(z−μ)·(z − μ) − [centred]·scale·Σg/C (same as the CPU kernel).
+// A row's raw max and sum and its normalisation map.
 template <typename acc_t>
-struct Stats {
-  acc_t max, sum, scale, mean, back;
-  bool centred;
+struct RowStatistics {
+  acc_t max, sum;
+  math::NormalisationMap<acc_t> map;
 };
-
-template <typename acc_t>
-__device__ Stats<acc_t> finish_stats(int mode, acc_t max, acc_t sum, acc_t squares, acc_t centred_squares, int64_t n,
-                                     acc_t kappa, acc_t eps) {
-  Stats<acc_t> s{max, sum, acc_t(1), acc_t(0), acc_t(0), false};
-  if (mode == kNormLayerNorm) {
-    s.mean = sum / n;
-    const acc_t var_eps = centred_squares / n + eps;
-    s.scale = kappa / sqrt_acc(var_eps);
-    s.back = 1 / (n * var_eps);
-    s.centred = true;
-  } else if (mode == kNormL2) {
-    const acc_t norm = sqrt_acc(squares);
-    if (norm >= eps) {
-      s.scale = kappa / norm;
-      s.back = 1 / (norm * norm);
-    } else {
-      s.scale = kappa / eps;
-    }
-  } else if (mode == kNormStandardize) {
-    s.mean = sum / n;
-    const acc_t dof = n > 1 ? acc_t(n - 1) : acc_t(1);
-    const acc_t var = centred_squares / dof;
-    const acc_t tiny = sizeof(acc_t) == 4 ? acc_t(1.17549435e-38f) : acc_t(2.2250738585072014e-308);
-    const acc_t std_dev = sqrt_acc(var > tiny ? var : tiny);
-    const acc_t denom = std_dev + eps;
-    s.scale = kappa / denom;
-    s.back = var < tiny ? acc_t(0) : 1 / (denom * std_dev * dof);
-    s.centred = true;
-  }
-  return s;
-}
 
 // Statistics of the student row and, when given, the teacher row (same normalisation).
 template <bool kWarpGroup, typename S, typename acc_t>
-__device__ void row_stats(const S* zs, const S* zt, const Params<acc_t>& p, int lane, int lanes, acc_t* shared,
-                          Stats<acc_t>& s, Stats<acc_t>& t) {
+__device__ void row_statistics(const S* zs, const S* zt, const Params<acc_t>& p, int lane, int lanes, acc_t* shared,
+                               RowStatistics<acc_t>& s, RowStatistics<acc_t>& t) {
+  const int normalize = p.flags.normalize;
   acc_t maxes[2] = {-INFINITY, -INFINITY};
   acc_t sums[4] = {0, 0, 0, 0};  // Σzs, Σzt, Σzs², Σzt²
   for_each_pair(zs, zt, p.n, lane, lanes, [&](int64_t, acc_t a, acc_t b) {
@@ -129,130 +70,86 @@ __device__ void row_stats(const S* zs, const S* zt, const Params<acc_t>& p, int 
   group_reduce<kWarpGroup, true>(maxes, shared);
   group_reduce<kWarpGroup, false>(sums, shared);
   acc_t centred[2] = {0, 0};
-  if (p.normalize == kNormLayerNorm || p.normalize == kNormStandardize) {
-    const acc_t ms = sums[0] / p.n, mt = sums[1] / p.n;
+  if (math::needs_centred_squares(normalize)) {
+    const acc_t ms = math::row_mean(normalize, sums[0], p.n), mt = math::row_mean(normalize, sums[1], p.n);
     for_each_pair(zs, zt, p.n, lane, lanes, [&](int64_t, acc_t a, acc_t b) {
       centred[0] += (a - ms) * (a - ms);
       centred[1] += (b - mt) * (b - mt);
     });
     group_reduce<kWarpGroup, false>(centred, shared);
   }
-  s = finish_stats(p.normalize, maxes[0], sums[0], sums[2], centred[0], p.n, p.kappa, p.eps);
-  t = finish_stats(p.normalize, maxes[1], sums[1], sums[3], centred[1], p.n, p.kappa, p.eps);
+  const acc_t kappa = p.scalars.kappa, eps = p.scalars.eps;
+  s = {maxes[0], sums[0], math::normalisation_map(normalize, p.n, sums[0], sums[2], centred[0], kappa, eps)};
+  t = {maxes[1], sums[1], math::normalisation_map(normalize, p.n, sums[1], sums[3], centred[1], kappa, eps)};
 }
 
 // Loss and gradient of one row: `zs`, `zt` are its student and teacher rows (global memory of type
 // T, or shared memory already widened to acc_t); `grad_row` is global. Every thread of the group
-// calls this with the same row.
+// calls this with the same row; the exps are recomputed in each pass rather than stored.
 template <bool kWarpGroup, typename S, typename T, typename acc_t>
 __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<acc_t>& p, T* grad_row, acc_t* loss_out,
                             int lane, int lanes, acc_t* shared) {
   const int64_t n = p.n;
-  const bool has_teacher = zt != nullptr;
-  Stats<acc_t> s, t;
-  row_stats<kWarpGroup>(zs, has_teacher ? zt : nullptr, p, lane, lanes, shared, s, t);
-  const acc_t scale_t = s.scale / p.temperature;
-  // a teacher read raw (partial teacher, re-weighting) is not normalised
-  const acc_t teacher_scale = p.soft_teacher ? t.scale / p.temperature : 1 / p.temperature;
+  const RowSoftmaxFlags& f = p.flags;
+  RowStatistics<acc_t> s, t;
+  row_statistics<kWarpGroup>(zs, f.reads_teacher ? zt : nullptr, p, lane, lanes, shared, s, t);
+  const acc_t inv_t = 1 / p.scalars.temperature;
+  const acc_t scale_t = s.map.scale * inv_t;          // p_T's log-argument per unit of z − max
+  const acc_t teacher_scale_t = t.map.scale * inv_t;  // q's (soft teacher)
+  const bool separate_unit = f.unit_softmax && !f.share_unit;
 
-  // label-dependent entries, read once by every thread (broadcast through the cache); a label that
-  // only masks rows (no mode uses it) may be anything, so it is range-checked before the read
-  acc_t zs_y = 0, zt_y = 0;
-  if (y >= 0 && y < n) {
-    zs_y = to_acc(zs[y]);
-    if (has_teacher) zt_y = to_acc(zt[y]);
+  math::RowSums<acc_t> sums;
+  sums.student_max = s.max;
+  sums.student_sum = s.sum;
+  sums.raw_teacher_max = t.max;
+  if (f.uses_label) {  // read once by every thread (broadcast through the cache)
+    sums.student_label = to_acc(zs[y]);
+    if (f.reads_teacher) sums.teacher_label = to_acc(zt[y]);
   }
-
-  // exp sums: [0] Zs at T, [1] Zt, [2] W = Σ et·(lt − ls), [3] Z at T = 1, [4] Σ_{c≠y} teacher exps
-  acc_t rest_max[1] = {-INFINITY};
-  if (p.partial_teacher) {
+  if (f.partial_teacher) {
+    acc_t rest_max[1] = {-INFINITY};
     for_each_pair(zt, static_cast<const S*>(nullptr), n, lane, lanes, [&](int64_t i, acc_t b, acc_t) {
       if (i != y) rest_max[0] = fmax(rest_max[0], b);
     });
     group_reduce<kWarpGroup, true>(rest_max, shared);
+    sums.rest_max = rest_max[0];
   }
-  acc_t sums[5] = {0, 0, 0, 0, 0};
-  for_each_pair(zs, has_teacher ? zt : nullptr, n, lane, lanes, [&](int64_t i, acc_t a, acc_t b) {
+  const acc_t rest_shift = math::exp_shift(sums.rest_max);
+
+  // [0] Zs, [1] Zt, [2] W, [3] Z1, [4] Σ_{c≠y} teacher exps, [5] raw teacher exps
+  acc_t exps[6] = {0, 0, 0, 0, 0, 0};
+  for_each_pair(zs, f.reads_teacher ? zt : nullptr, n, lane, lanes, [&](int64_t i, acc_t a, acc_t b) {
     const acc_t ls = (a - s.max) * scale_t;
-    if (p.kl) sums[0] += exp_acc(ls);
-    if (p.soft_teacher) {
-      const acc_t lt = (b - t.max) * teacher_scale;
+    if (f.kl) exps[0] += exp_acc(ls);
+    if (f.soft_teacher) {
+      const acc_t lt = (b - t.max) * teacher_scale_t;
       const acc_t et = exp_acc(lt);
-      sums[1] += et;
-      sums[2] += et * (lt - ls);
-    } else if (p.reweight) {
-      sums[1] += exp_acc((b - t.max) * teacher_scale);
+      exps[1] += et;
+      exps[2] += math::kl_entry(et, lt - ls);
     }
-    if (p.unit_softmax && !p.share_unit) sums[3] += exp_acc((a - s.max) * s.scale);
-    if (p.partial_teacher && i != y) sums[4] += exp_acc((b - rest_max[0]) * teacher_scale);
+    if (separate_unit) exps[3] += exp_acc((a - s.max) * s.map.scale);
+    if (f.partial_teacher && i != y) exps[4] += exp_acc((b - rest_shift) * inv_t);
+    if (f.reweight) exps[5] += exp_acc((b - t.max) * inv_t);
   });
-  group_reduce<kWarpGroup, false>(sums, shared);
+  group_reduce<kWarpGroup, false>(exps, shared);
+  sums.student_exp = exps[0];
+  sums.teacher_exp = exps[1];
+  sums.kl_weighted = exps[2];
+  sums.unit_exp = exps[3];
+  sums.rest_exp = exps[4];
+  sums.raw_teacher_exp = exps[5];
+  const math::RowCoefficients<acc_t> c = math::row_coefficients(f, p.scalars, s.map, n, sums);
+  if (lane == 0) *loss_out = c.loss;
 
-  acc_t row_loss = 0, cs = 0, ct = 0, c1 = 0, k0 = 0, fix_y = 0;
-  if (p.soft_teacher) {
-    row_loss += p.kl_weight * (sums[2] / sums[1] + log_acc(sums[0] / sums[1]));
-    cs = p.kl_weight / (p.temperature * sums[0]);
-    ct = p.kl_weight / (p.temperature * sums[1]);
-  } else if (p.partial_teacher) {
-    const acc_t teacher_max = fmax(zt_y, rest_max[0]);
-    const acc_t log_true = (zt_y - teacher_max) * teacher_scale;
-    const acc_t log_rest = n > 1 ? log_acc(sums[4]) + (rest_max[0] - teacher_max) * teacher_scale : acc_t(-INFINITY);
-    const acc_t log_total = log_acc(exp_acc(log_true) + exp_acc(log_rest));
-    const acc_t log_rho = log_true - log_total, log_not_rho = log_rest - log_total;
-    const acc_t rho = exp_acc(log_rho), not_rho = exp_acc(log_not_rho);
-    const acc_t log_zs = log_acc(sums[0]);
-    const acc_t log_p_true = scale_t * (zs_y - s.max) - log_zs;
-    const acc_t sum_log_p = scale_t * (s.sum - n * s.max) - n * log_zs;
-    acc_t kl_value = 0, q_other = 0;
-    if (rho != 0) kl_value += rho * (log_rho - log_p_true);
-    if (n > 1 && not_rho != 0) {
-      const acc_t others = acc_t(n - 1);
-      q_other = not_rho / others;
-      kl_value += not_rho * (log_not_rho - log_acc(others)) - q_other * (sum_log_p - log_p_true);
-    }
-    row_loss += p.kl_weight * kl_value;
-    cs = p.kl_weight / (p.temperature * sums[0]);
-    k0 -= p.kl_weight / p.temperature * q_other;
-    fix_y -= p.kl_weight / p.temperature * (rho - q_other);
-  }
-  if (p.unit_softmax) {
-    const acc_t unit_sum = p.share_unit ? sums[0] : sums[3];
-    const acc_t log_unit = log_acc(unit_sum);
-    if (p.ce) {
-      const acc_t nll = log_unit - s.scale * (zs_y - s.max);
-      acc_t weight = 1;
-      if (p.reweight) {
-        const acc_t rho = exp_acc((zt_y - t.max) * teacher_scale) / sums[1];
-        const acc_t slack = 1 - exp_acc(-nll);
-        weight = 1 - p.reweight_alpha * (1 - rho) / (slack > p.reweight_eps ? slack : p.reweight_eps);
-      }
-      row_loss += p.ce_weight * weight * nll;
-      c1 += p.ce_weight * weight / unit_sum;
-      fix_y -= p.ce_weight * weight;
-    }
-    if (p.uniform) {
-      row_loss += p.uniform_weight * (log_unit - s.scale * (s.sum / n - s.max));
-      c1 += p.uniform_weight / unit_sum;
-      k0 -= p.uniform_weight / n;
-    }
-    if (p.share_unit) {
-      cs += c1;
-      c1 = 0;
-    }
-  }
-  if (lane == 0) *loss_out = row_loss;
-
-  const acc_t t_scale_soft = p.soft_teacher ? teacher_scale : acc_t(0);
   auto gradient = [&](int64_t i, acc_t a, acc_t b) {
-    acc_t g = k0;
-    if (p.kl) g += cs * exp_acc((a - s.max) * scale_t);
-    if (p.soft_teacher) g -= ct * exp_acc((b - t.max) * t_scale_soft);
-    if (c1 != 0) g += c1 * exp_acc((a - s.max) * s.scale);
-    if (i == y) g += fix_y;
-    return g;
+    const acc_t es = f.kl ? exp_acc((a - s.max) * scale_t) : acc_t(0);
+    const acc_t et = f.soft_teacher ? exp_acc((b - t.max) * teacher_scale_t) : acc_t(0);
+    const acc_t e1 = separate_unit ? exp_acc((a - s.max) * s.map.scale) : acc_t(0);
+    const acc_t g = math::logit_gradient<true, true, true>(c, es, et, e1);
+    return i == y ? g + c.at_label : g;
   };
-  const S* teacher_for_grad = p.soft_teacher ? zt : nullptr;
-  if (!p.normalised) {
+  const S* teacher_for_grad = f.soft_teacher ? zt : nullptr;
+  if (!f.normalised) {
     for_each_pair(zs, teacher_for_grad, n, lane, lanes,
                   [&](int64_t i, acc_t a, acc_t b) { grad_row[i] = from_acc<T>(gradient(i, a, b)); });
     return;
@@ -261,25 +158,20 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
   for_each_pair(zs, teacher_for_grad, n, lane, lanes, [&](int64_t i, acc_t a, acc_t b) {
     const acc_t g = gradient(i, a, b);
     g_sums[0] += g;
-    g_sums[1] += g * (a - s.mean);
+    g_sums[1] += g * (a - s.map.mean);
   });
   group_reduce<kWarpGroup, false>(g_sums, shared);
-  const acc_t k = s.scale * s.back * g_sums[1];
-  const acc_t centre = s.centred ? s.scale * g_sums[0] / n : acc_t(0);
+  const math::NormalisationBackward<acc_t> back = math::normalisation_backward(s.map, g_sums[0], g_sums[1], n);
   for_each_pair(zs, teacher_for_grad, n, lane, lanes, [&](int64_t i, acc_t a, acc_t b) {
-    grad_row[i] = from_acc<T>(s.scale * gradient(i, a, b) - k * (a - s.mean) - centre);
+    grad_row[i] = from_acc<T>(math::normalised_gradient(gradient(i, a, b), a, back));
   });
 }
 
 template <typename T>
 __device__ __forceinline__ bool skip_row(const RowSoftmaxArgs& a, const Params<acc_t_of<T>>& p, int64_t row,
                                          int64_t& y) {
-  y = -1;
-  if (a.target != nullptr) {
-    y = a.target[row];
-    if (y == p.ignore_index) return true;
-  }
-  return p.uses_label && (y < 0 || y >= p.n);
+  y = a.target != nullptr ? a.target[row] : -1;
+  return row_action(y, a.target != nullptr, p.ignore_index, p.flags.uses_label, p.n) != RowAction::kCompute;
 }
 
 template <typename T>
@@ -360,7 +252,7 @@ cudaError_t launch(const RowSoftmaxArgs& a, cudaStream_t stream) {
     return cudaGetLastError();
   }
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(a.rows, kMaxGridRows));
-  const int64_t staged_rows = a.teacher != nullptr ? 2 : 1;
+  const int64_t staged_rows = a.teacher != nullptr ? 2 : 1;  // the glue passes a teacher only when one is read
   const int64_t staged_bytes = staged_rows * a.classes * static_cast<int64_t>(sizeof(acc_t));
   int device = 0, optin = 0;
   cudaError_t error = cudaGetDevice(&device);
