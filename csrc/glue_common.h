@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 #include "common/contract.h"
 
@@ -171,6 +172,16 @@ inline FeatureCentreCall prepare_feature_centre(const char* op, const at::Tensor
   args.eps = eps;
   args.ignore_index = ignore_index;
   return call;
+}
+
+// The outputs of a row kernel: the gradient (allocated by the caller, contiguous like `like`) and
+// the per-row losses, both attached to args.
+template <typename Args>
+inline std::tuple<at::Tensor, at::Tensor> attach_outputs(Args& args, const at::Tensor& like, at::Tensor grad) {
+  at::Tensor loss = at::empty({args.rows}, like.options().dtype(loss_type(like)));
+  args.grad = grad.data_ptr();
+  args.loss = loss.data_ptr();
+  return {loss, grad};
 }
 
 //: the labels a kernel will gather with: not ignore_index and outside [low, high)

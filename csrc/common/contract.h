@@ -66,6 +66,20 @@ struct FeatureCentreArgs {
   int64_t ignore_index = -100;
 };
 
+// Calls visit(static_cast<T*>(nullptr)) with T the storage type of `type` in a backend's type table
+// (Types::Float32, Float64, BFloat16, Float16: c10's half types on the CPU, CUDA's on the GPU) and
+// returns its result; `fallback` for an unknown code.
+template <typename Types, typename Result, typename Visitor>
+inline Result visit_element_type(ElementType type, Result fallback, Visitor&& visit) {
+  switch (type) {
+    case ElementType::kFloat32: return visit(static_cast<typename Types::Float32*>(nullptr));
+    case ElementType::kFloat64: return visit(static_cast<typename Types::Float64*>(nullptr));
+    case ElementType::kBFloat16: return visit(static_cast<typename Types::BFloat16*>(nullptr));
+    case ElementType::kFloat16: return visit(static_cast<typename Types::Float16*>(nullptr));
+  }
+  return fallback;
+}
+
 // Which terms a row-softmax call computes; the same for every row of a call.
 struct RowSoftmaxFlags {
   int normalize = kNormNone;

@@ -66,7 +66,6 @@ const KernelSet& kernels() {
 }
 
 using glue::element_type;
-using glue::loss_type;
 
 // Gradient buffers. The kernels write each gradient once, so for big ones the cost is the first
 // touch of fresh pages: with 4 KB pages the page faults alone run at ~1 GB/s on the project's
@@ -206,10 +205,7 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                         ignore_index);
   RowSoftmaxArgs& args = call.args;
   const int64_t rows = args.rows, classes = args.classes;
-  at::Tensor grad = empty_gradient(call.student);
-  at::Tensor loss = at::empty({rows}, student.options().dtype(loss_type(student)));
-  args.grad = grad.data_ptr();
-  args.loss = loss.data_ptr();
+  auto [loss, grad] = glue::attach_outputs(args, call.student, empty_gradient(call.student));
 
   const RowSoftmaxFn kernel = kernels().row_softmax;
   const bool ok = for_row_ranges(rows, classes, row_softmax_scratch_bytes(classes),
@@ -229,10 +225,7 @@ std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, con
   // the kernel gathers centres[y]: every label must name a centre or be ignore_index
   TORCH_CHECK(!glue::bad_labels(call.target, 0, args.num_centres, ignore_index).any().item<bool>(), op,
               ": target must lie in [0, ", args.num_centres, ") or equal ignore_index (", ignore_index, ")");
-  at::Tensor grad = at::empty_like(call.student);
-  at::Tensor loss = at::empty({args.rows}, student.options().dtype(loss_type(student)));
-  args.grad = grad.data_ptr();
-  args.loss = loss.data_ptr();
+  auto [loss, grad] = glue::attach_outputs(args, call.student, at::empty_like(call.student));
   const FeatureCentreFn kernel = kernels().feature_centre;
   const bool ok = for_row_ranges(args.rows, args.dim, feature_centre_scratch_bytes(args.dim),
                                  [&](int64_t begin, int64_t end, void* scratch) { return kernel(args, begin, end, scratch); });

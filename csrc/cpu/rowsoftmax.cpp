@@ -259,13 +259,9 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
 }  // namespace
 
 bool row_softmax_rows(const RowSoftmaxArgs& args, int64_t begin, int64_t end, void* scratch) {
-  switch (args.type) {
-    case ElementType::kFloat32: return rows<float>(args, begin, end, scratch);
-    case ElementType::kFloat64: return rows<double>(args, begin, end, scratch);
-    case ElementType::kBFloat16: return rows<c10::BFloat16>(args, begin, end, scratch);
-    case ElementType::kFloat16: return rows<c10::Half>(args, begin, end, scratch);
-  }
-  return false;
+  return visit_element_type<ElementTypes>(args.type, false, [&](auto* type) {
+    return rows<std::remove_pointer_t<decltype(type)>>(args, begin, end, scratch);
+  });
 }
 
 }  // namespace kdfast::cpu::CPU_CAPABILITY

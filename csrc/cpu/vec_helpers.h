@@ -29,6 +29,14 @@ using at::vec::Vectorized;
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+//: the storage types of the contract's ElementType codes (visit_element_type)
+struct ElementTypes {
+  using Float32 = float;
+  using Float64 = double;
+  using BFloat16 = c10::BFloat16;
+  using Float16 = c10::Half;
+};
+
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 

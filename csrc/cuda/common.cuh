@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "../common/contract.h"
+
 namespace kdfast::cuda {
 
 constexpr int kWarpSize = 32;
@@ -17,6 +19,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kVectorBytes = 16;
 //: most warps a block may have (the block reduction keeps one partial per warp in shared memory)
 constexpr int kMaxWarps = 32;
+
+//: the storage types of the contract's ElementType codes (visit_element_type)
+struct ElementTypes {
+  using Float32 = float;
+  using Float64 = double;
+  using BFloat16 = __nv_bfloat16;
+  using Float16 = __half;
+};
 
 template <typename T> struct AccumulateType { using type = float; };
 template <> struct AccumulateType<double> { using type = double; };

@@ -84,13 +84,9 @@ cudaError_t launch(const FeatureCentreArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_feature_centre(const FeatureCentreArgs& args, cudaStream_t stream) {
-  switch (args.type) {
-    case ElementType::kFloat32: return launch<float>(args, stream);
-    case ElementType::kFloat64: return launch<double>(args, stream);
-    case ElementType::kBFloat16: return launch<__nv_bfloat16>(args, stream);
-    case ElementType::kFloat16: return launch<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return visit_element_type<ElementTypes>(args.type, cudaErrorInvalidValue, [&](auto* type) {
+    return launch<std::remove_pointer_t<decltype(type)>>(args, stream);
+  });
 }
 
 }  // namespace kdfast::cuda

@@ -19,7 +19,6 @@
 namespace kdfast::cuda {
 namespace {
 
-using glue::loss_type;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -46,10 +45,7 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
   if (call.target.defined() && call.flags.uses_label) {
     assert_labels(call.target, args.classes, ignore_index, "kdfast::row_softmax: target outside [0, classes)");
   }
-  at::Tensor grad = at::empty_like(call.student);
-  at::Tensor loss = at::empty({args.rows}, student.options().dtype(loss_type(student)));
-  args.grad = grad.data_ptr();
-  args.loss = loss.data_ptr();
+  auto [loss, grad] = glue::attach_outputs(args, call.student, at::empty_like(call.student));
   C10_CUDA_CHECK(launch_row_softmax(args, current_stream()));
   return {loss, grad};
 }
@@ -62,10 +58,7 @@ std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, con
   glue::FeatureCentreCall call = glue::prepare_feature_centre(op, student, teacher, target, centres, eps, ignore_index);
   FeatureCentreArgs& args = call.args;
   assert_labels(call.target, args.num_centres, ignore_index, "kdfast::feature_centre: target outside the centres");
-  at::Tensor grad = at::empty_like(call.student);
-  at::Tensor loss = at::empty({args.rows}, student.options().dtype(loss_type(student)));
-  args.grad = grad.data_ptr();
-  args.loss = loss.data_ptr();
+  auto [loss, grad] = glue::attach_outputs(args, call.student, at::empty_like(call.student));
   C10_CUDA_CHECK(launch_feature_centre(args, current_stream()));
   return {loss, grad};
 }

@@ -167,16 +167,17 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
   });
 }
 
+// Rows the contract does not compute (row_action) get loss 0 and a zero gradient here; returns
+// whether `row` was one of them, else its label in y.
 template <typename T>
-__device__ __forceinline__ bool skip_row(const RowSoftmaxArgs& a, const Params<acc_t_of<T>>& p, int64_t row,
-                                         int64_t& y) {
+__device__ __forceinline__ bool skipped_row(const RowSoftmaxArgs& a, const Params<acc_t_of<T>>& p, int64_t row,
+                                            int lane, int lanes, int64_t& y) {
   y = a.target != nullptr ? a.target[row] : -1;
-  return row_action(y, a.target != nullptr, p.ignore_index, p.flags.uses_label, p.n) != RowAction::kCompute;
-}
-
-template <typename T>
-__device__ void zero_row(T* grad_row, int64_t n, int lane, int lanes) {
-  for (int64_t i = lane; i < n; i += lanes) grad_row[i] = from_acc<T>(acc_t_of<T>(0));
+  if (row_action(y, a.target != nullptr, p.ignore_index, p.flags.uses_label, p.n) == RowAction::kCompute) return false;
+  T* grad_row = static_cast<T*>(a.grad) + row * p.n;
+  for (int64_t i = lane; i < p.n; i += lanes) grad_row[i] = from_acc<T>(acc_t_of<T>(0));
+  if (lane == 0) static_cast<acc_t_of<T>*>(a.loss)[row] = 0;
+  return true;
 }
 
 // One warp per row.
@@ -193,11 +194,7 @@ __global__ void warp_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
   for (int64_t row = first; row < a.rows; row += stride) {
     const int64_t offset = row * p.n;
     int64_t y;
-    if (skip_row<T>(a, p, row, y)) {
-      zero_row(grad + offset, p.n, lane, kWarpSize);
-      if (lane == 0) loss[row] = 0;
-      continue;
-    }
+    if (skipped_row<T>(a, p, row, lane, kWarpSize, y)) continue;
     process_row<true>(student + offset, teacher != nullptr ? teacher + offset : nullptr, y, p, grad + offset,
                       loss + row, lane, kWarpSize, static_cast<acc_t*>(nullptr));
   }
@@ -218,11 +215,7 @@ __global__ void block_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const int64_t offset = row * p.n;
     int64_t y;
-    if (skip_row<T>(a, p, row, y)) {
-      zero_row(grad + offset, p.n, lane, lanes);
-      if (lane == 0) loss[row] = 0;
-      continue;
-    }
+    if (skipped_row<T>(a, p, row, lane, lanes, y)) continue;
     const T* zt = teacher != nullptr ? teacher + offset : nullptr;
     if constexpr (kStage) {
       acc_t* zs_shared = staged;
@@ -274,13 +267,9 @@ cudaError_t launch(const RowSoftmaxArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_row_softmax(const RowSoftmaxArgs& args, cudaStream_t stream) {
-  switch (args.type) {
-    case ElementType::kFloat32: return launch<float>(args, stream);
-    case ElementType::kFloat64: return launch<double>(args, stream);
-    case ElementType::kBFloat16: return launch<__nv_bfloat16>(args, stream);
-    case ElementType::kFloat16: return launch<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return visit_element_type<ElementTypes>(args.type, cudaErrorInvalidValue, [&](auto* type) {
+    return launch<std::remove_pointer_t<decltype(type)>>(args, stream);
+  });
 }
 
 }  // namespace kdfast::cuda
