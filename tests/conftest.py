@@ -19,3 +19,26 @@ torch.set_default_dtype(torch.float32)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- the backends the family suites run on (tests/backends.py) ----------------------------------
+
+import backends as _backends  # noqa: E402
+
+
+@pytest.fixture(params=_backends.BACKENDS)
+def backend(request):
+    """Every backend: reference, cpu, triton, cuda (skipped where it cannot run)."""
+    return request.param
+
+
+@pytest.fixture(params=_backends.BACKENDS_AND_VARIANTS)
+def backend_or_variant(request):
+    """Every backend plus the Triton kernels forced onto their multi-pass paths."""
+    return request.param
+
+
+@pytest.fixture(params=_backends.params([_backends.TRITON_STREAMED]))
+def triton_streamed(request):
+    """Only the Triton kernels forced onto their multi-pass paths."""
+    return request.param

@@ -36,8 +36,10 @@ def nystrom_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     if kind == "fro":
         if reduction != "sum":
             raise ValueError(f"reduction must be 'sum' for kind='fro' (a matrix norm); got {reduction!r}")
-        # sqrt has an infinite slope at 0: clamp so that R = 0 gives a zero gradient, not NaN.
-        return residual.pow(2).sum().clamp_min(torch.finfo(dtype).tiny).sqrt() * scale
+        # sqrt has an infinite slope at 0: R = 0 takes sqrt(tiny) so its gradient is zero, not NaN
+        # (a where, not a clamp: a clamp would also give a NaN sum a zero gradient).
+        total = residual.pow(2).sum()
+        return torch.where(total == 0, torch.finfo(dtype).tiny, total).sqrt() * scale
     if kind == "smooth_l1":
         size = residual.abs()
         elementwise = torch.where(size < beta, 0.5 * residual.pow(2) / beta, size - 0.5 * beta)
