@@ -4,6 +4,7 @@ Public API: the functional ops (also in :mod:`kdfast.functional`), the nn.Module
 class-centre accumulator. ``kdfast.reference`` holds the plain-PyTorch specification.
 """
 from ._dispatch import available_backends
+from ._version import __version__
 from .accumulators import ClassCenters
 from .functional import (kd_loss, l2rkd_loss, l2rkd_mix, label_smoothing_loss, nd_loss, nystrom_loss,
                          partial_teacher_loss, reweighted_ce_loss, skd_loss)
@@ -12,8 +13,6 @@ from .modules import (FusedLinearKDLoss, FusedLinearSKDLoss, KDLoss, L2RKDLoss, 
                       NystromLoss, PartialTeacherLoss, ReweightedCELoss, SKDLoss)
 from .reference.landmark_gram import nystrom_reconstruction
 from .reference.rowsoftmax import normalize_logits
-
-__version__ = "0.1.0"
 
 __all__ = [
     "kd_loss", "skd_loss", "partial_teacher_loss", "label_smoothing_loss", "reweighted_ce_loss", "nd_loss",
