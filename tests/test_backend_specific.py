@@ -250,7 +250,7 @@ def test_custom_ops_opcheck(device=DEVICE):
                            0.0, 1e-6, -100, 0))
     u, ft, centers = nd_inputs(3, 12, 4, device=device)
     torch.library.opcheck(torch.ops.kdfast.triton_feature_centre.default,
-                          (u, ft, torch.tensor([0, 3, 1], device=device), centers, 1e-8, 0))
+                          (u, ft, torch.tensor([0, -100, 1], device=device), centers, 1e-8, -100, 0))
     fs, ft, cs, ct = gram_inputs(3, 8, 6, 5, device=device)
     gram = (ft @ ct.T).contiguous()
     scale = torch.tensor(0.25, device=device)
