@@ -1,90 +1,41 @@
-"""What every fused backend (cpu, triton, cuda) shares: the kernel contracts of the three families,
-the translation of public loss options into kernel parameters, and the autograd around a kernel
-that returns its gradient together with the loss.
+"""What every fused backend (cpu, triton, cuda) shares: the autograd around a kernel that returns
+its gradient together with the loss, and the seven public losses built on a backend's three
+kernels (:func:`build_losses`). The kernels' formulas, code tables and the translation of public
+options into kernel parameters are in :mod:`kdfast.backends._contract` (re-exported here:
+``RowSoftmaxParams``, ``row_softmax_params``).
 
-A backend supplies three kernels and gets the seven public losses from :func:`build_losses`:
+A backend supplies three kernels:
 
 ``row_softmax(student [N,C], teacher [N,C] | None, target [N] int64 | None, p: RowSoftmaxParams)``
-    → ``(loss_rows [N] fp32, grad [N,C] in student's dtype)``. Per row, with h = κ·normalize(z)
-    (identity when ``p.normalize == "none"``) and p_T = softmax(h^s/T), p = softmax(h^s)::
+    → ``(loss_rows [N] fp32 (fp64 for fp64 input), grad [N,C] in student's dtype)``.
 
-        ℓ = kl_weight·KL(q ‖ p_T) + ce_weight·w·(−log p_y) + uniform_weight·(−mean_c log p_c)
-        ∂ℓ/∂h^s = kl_weight/T·(p_T − q) + ce_weight·w·(p − e_y) + uniform_weight·(p − 1/C)
-
-    then the normalisation's backward. q is softmax(normalize(z^t)/T) (``teacher="softmax"``) or the
-    partial teacher of spec §4a built from the raw z^t at T (``teacher="partial"``); w = 1, or with
-    ``reweight`` the detached w = 1 − reweight_alpha·(1 − ρ)/max(1 − p_y, reweight_eps), ρ =
-    softmax(z^t/T)[y]. Rows whose label equals ``p.ignore_index`` get ℓ = 0 and a zero gradient.
-
-``feature_centre(u [B,d], teacher_features [B,d], target [B] int64 (ignored rows replaced by 0),
-centers [C,d] raw, eps)`` → ``(loss_rows [B] fp32, grad [B,d])``: ND's 1 − ⟨u, ê_y⟩/max(‖u‖, ‖f^t‖, eps).
+``feature_centre(u [B,d], teacher_features [B,d], target [B] int64, centers [C,d] raw, eps,
+ignore_index)`` → ``(loss_rows [B], grad [B,d])``: ND's 1 − ⟨u, ê_y⟩/max(‖u‖, ‖f^t‖, eps); rows whose
+label equals ``ignore_index`` (``_contract.NO_IGNORE_INDEX``: none) get loss 0 and a zero gradient.
 
 ``landmark_gram(Fs [B,ds], Ft [B,dt], Cs [m,ds], Ct [m,dt], kind, beta, weight, normalize, eps)``
-with kind in ``"smooth_l1"``, ``"sq_fro"`` → ``(loss_rows [B] fp32, grad [B,ds], teacher_gram_norm [] fp32)``:
+with kind in ``"smooth_l1"``, ``"sq_fro"`` → ``(loss_rows [B], grad [B,ds], teacher_gram_norm [])``:
 the per-row sums of huber_β(R) or R², R = Fs·Csᵀ − Ft·Ctᵀ, and their gradient, both multiplied by
 ``weight`` and, with ``normalize``, divided by ‖S^t‖_F + eps — applied to G = ∂ℓ/∂R before the
 G·Cs GEMM, so that no pass over the [B, ds] gradient is needed. "fro" (a square root of the sum) is
 done here from unweighted sums.
 
-Reductions, the ignore mask and the dtype of the result follow the reference exactly (the same
-helper is used), so a backend only has to get the per-row numbers right.
+Every kernel writes a zero gradient row (and loss 0) for an ignored row and a whole NaN gradient
+row (and a NaN loss) for a row holding a NaN. Reductions, the ignore mask and the dtype of the
+result follow the reference exactly (the same helper is used), so a backend only has to get the
+per-row numbers right.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
 
 from ..reference._common import compute_dtype, reduce_rows, valid_rows
+from ._contract import RowSoftmaxParams, kernel_ignore_index, row_softmax_params
 
-
-@dataclass(frozen=True)
-class RowSoftmaxParams:
-    normalize: str = "none"          # "none" | "layernorm" | "l2" | "standardize"
-    multiplier: float = 1.0
-    eps: float = 1e-7
-    temperature: float = 1.0
-    teacher: str = "none"            # "none" | "softmax" | "partial"
-    kl_weight: float = 0.0
-    ce_weight: float = 0.0
-    uniform_weight: float = 0.0
-    reweight: bool = False
-    reweight_alpha: float = 0.0
-    reweight_eps: float = 1e-6
-    ignore_index: int = -100
-
-    @property
-    def needs_target(self) -> bool:
-        return self.ce_weight != 0 or self.uniform_weight != 0 or self.teacher == "partial" or self.reweight
-
-
-def row_softmax_params(loss: str, **options) -> tuple[RowSoftmaxParams, str, int]:
-    """(kernel parameters, reduction, divisor of "mean") for a public row-softmax loss."""
-    ignore = options.get("ignore_index")
-    ignore = -100 if ignore is None else ignore  # None: no row is ignored; labels are >= 0 anyway
-    reduction = options["reduction"]
-    if loss in ("kd_loss", "skd_loss", "partial_teacher_loss"):
-        temperature, alpha = options["temperature"], options["alpha"]
-        common = dict(temperature=temperature, kl_weight=alpha * temperature**2, ce_weight=1 - alpha,
-                      ignore_index=ignore)
-        if loss == "kd_loss":
-            params = RowSoftmaxParams(teacher="softmax", **common)
-        elif loss == "skd_loss":
-            params = RowSoftmaxParams(teacher="softmax", normalize=options["normalize"],
-                                      multiplier=options["multiplier"], eps=options["eps"], **common)
-        else:
-            params = RowSoftmaxParams(teacher="partial", **common)
-        return params, reduction, "kl"
-    if loss == "label_smoothing_loss":
-        smoothing = options["smoothing"]
-        return RowSoftmaxParams(ce_weight=1 - smoothing, uniform_weight=smoothing, ignore_index=ignore), \
-            reduction, "ce"
-    if loss == "reweighted_ce_loss":
-        return RowSoftmaxParams(temperature=options["temperature"], ce_weight=1.0, reweight=True,
-                                reweight_alpha=options["alpha"], reweight_eps=options["eps"],
-                                ignore_index=ignore), reduction, "ce"
-    raise KeyError(loss)
+__all__ = ["RowSoftmaxParams", "row_softmax_params", "KernelLoss", "build_losses"]
 
 
 #: gradients at least this large are worth a device sync to skip a rescaling pass over them
@@ -179,10 +130,11 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
 
     def nd_loss(student_features, teacher_features, target, centers, *, reduction="mean", ignore_index=-100,
                 eps=1e-8):
-        valid, safe_target = valid_rows(target, ignore_index, student_features.shape[0], student_features.device)
-        every_row = torch.ones_like(valid)  # the kernel computes ignored rows too (as class 0)
-        loss_rows, = KernelLoss.apply(student_features, every_row, feature_centre, teacher_features.detach(),
-                                      safe_target, centers.detach(), eps)
+        target = target.long()
+        valid, _ = valid_rows(target, ignore_index, student_features.shape[0], student_features.device)
+        # the kernel writes loss 0 and a zero gradient row for the ignored rows itself
+        loss_rows, = KernelLoss.apply(student_features, valid, feature_centre, teacher_features.detach(),
+                                      target, centers.detach(), eps, kernel_ignore_index(ignore_index))
         return reduce_rows(loss_rows.to(compute_dtype(student_features.dtype)), valid, reduction)
 
     def nystrom_loss(student_features, teacher_features, student_landmarks, teacher_landmarks, *,
@@ -194,7 +146,10 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
             loss_rows, teacher_norm = KernelLoss.apply(student_features, every_row, landmark_gram, *arguments,
                                                        "sq_fro", beta, 1.0, False, eps)
             scale = 1 / (teacher_norm.to(dtype) + eps) if normalize else 1.0
-            return loss_rows.to(dtype).sum().clamp_min(torch.finfo(dtype).tiny).sqrt() * scale
+            # R = 0 takes sqrt(tiny) (a zero gradient, not NaN); a where, not a clamp, so that a NaN
+            # sum keeps a NaN gradient
+            total = loss_rows.to(dtype).sum()
+            return torch.where(total == 0, torch.finfo(dtype).tiny, total).sqrt() * scale
         # the kernel applies the mean's divisor and the normalisation, so loss.backward() needs no pass
         weight = 1 / max(student_features.shape[0] * student_landmarks.shape[0], 1) if reduction == "mean" else 1.0
         loss_rows, _ = KernelLoss.apply(student_features, every_row, landmark_gram, *arguments, kind, beta,

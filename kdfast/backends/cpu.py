@@ -2,9 +2,10 @@
 one build per instruction set chosen at run time, rows split over threads with at::parallel_for).
 
 The kernels are the ``torch.ops.kdfast`` operators registered by the compiled extension
-``kdfast._C``; this module translates the kernel contract of :mod:`kdfast.backends._fused` into
-their flat arguments, registers their fake (meta) implementations so ``torch.compile`` traces them
-without a graph break, and gets the seven public losses from ``build_losses``.
+``kdfast._C``; this module translates the kernel contract of :mod:`kdfast.backends._contract`
+(its code tables) into their flat arguments, registers their fake (meta) implementations so
+``torch.compile`` traces them without a graph break, and gets the seven public losses from
+``build_losses``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Optional
 
 import torch  # before the extension: it needs libtorch's shared libraries loaded
 
-from ._fused import RowSoftmaxParams, build_losses
+from ._contract import GRAM_KIND_CODES, NO_IGNORE_INDEX, NORMALIZE_CODES, TEACHER_CODES, RowSoftmaxParams
+from ._fused import build_losses
 
 try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.kdfast.*)
@@ -21,12 +23,6 @@ except ImportError as error:  # the dispatcher reports this and falls back to th
     raise ImportError(
         "kdfast's compiled CPU extension (kdfast._C) is missing or does not load "
         f"({error}); build it with `pip install --no-build-isolation -e .`") from error
-
-#: string options of the contract → the integer codes of the C++ schemas (csrc/cpu/kernels.h)
-NORMALIZE_CODES = {"none": 0, "layernorm": 1, "l2": 2, "standardize": 3}
-TEACHER_CODES = {"none": 0, "softmax": 1, "partial": 2}
-GRAM_KIND_CODES = {"smooth_l1": 0, "sq_fro": 1}
-
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -43,7 +39,7 @@ def _register_fakes(namespace: str = "kdfast") -> None:
                 torch.empty_like(student, memory_format=torch.contiguous_format))
 
     @torch.library.register_fake(f"{namespace}::feature_centre")
-    def _feature_centre_fake(student, teacher, target, centres, eps):
+    def _feature_centre_fake(student, teacher, target, centres, eps, ignore_index):
         return (student.new_empty(student.shape[0], dtype=_loss_dtype(student.dtype)),
                 torch.empty_like(student, memory_format=torch.contiguous_format))
 
@@ -69,8 +65,10 @@ def row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], target: 
 
 
 def feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor, centers: torch.Tensor,
-                   eps: float):
-    return torch.ops.kdfast.feature_centre(u, teacher_features, target, centers, float(eps))
+                   eps: float, ignore_index: int = NO_IGNORE_INDEX):
+    """ND per row; rows whose label equals ``ignore_index`` get loss 0 and a zero gradient row, the
+    other labels must lie in [0, num_centres). Narrower integer labels are widened to int64."""
+    return torch.ops.kdfast.feature_centre(u, teacher_features, target.long(), centers, float(eps), int(ignore_index))
 
 
 def landmark_gram(student_features: torch.Tensor, teacher_features: torch.Tensor, student_landmarks: torch.Tensor,
