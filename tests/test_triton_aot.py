@@ -50,12 +50,19 @@ def _row_softmax_configs():
                 configs.append((f"row_softmax/{mode}/{dtype}/{'single' if single else 'streamed'}",
                                 _row_signature(dtype), dict(kernel_meta(params, has_teacher, True),
                                                             FP64=False, SINGLE=single, BLOCK=block, s_col=1,
-                                                            t_col=1), row_warps(block)))
+                                                            t_col=1, y_stride=1), row_warps(block)))
     params = RowSoftmaxParams(teacher="softmax", kl_weight=16.0, temperature=4.0)
     for dtype in ("fp16", "fp64"):
         configs.append((f"row_softmax/kd_no_target/{dtype}/single", _row_signature(dtype),
                         dict(kernel_meta(params, True, False), FP64=dtype == "fp64", SINGLE=True, BLOCK=8192,
-                             s_col=1, t_col=1), row_warps(8192)))
+                             s_col=1, t_col=1, y_stride=1), row_warps(8192)))
+    # a teacher no term reads (alpha = 0: read only for its NaNs), int32 labels with a stride, no ignore_index
+    params = row_softmax_params("kd_loss", temperature=2.0, alpha=0.0, reduction="sum", ignore_index=None)[0]
+    for single, block in ((True, 1024), (False, STREAM_BLOCK)):
+        signature = dict(_row_signature("fp32"), Y="*i32", y_stride="i32")
+        configs.append((f"row_softmax/ce_unread_teacher/fp32/{'single' if single else 'streamed'}", signature,
+                        dict(kernel_meta(params, True, True), FP64=False, SINGLE=single, BLOCK=block, s_col=1,
+                             t_col=1), row_warps(block)))
     return configs
 
 
@@ -63,11 +70,11 @@ def _row_signature(dtype):
     ptr = f"*{TYPE[dtype]}"
     acc = "*fp64" if dtype == "fp64" else "*fp32"
     signature = dict(S=ptr, T=ptr, Y="*i64", LOSS=acc, GRAD=ptr, C="i32", num_classes="fp32", s_row="i32",
-                     s_col="constexpr", t_row="i32", t_col="constexpr", g_row="i32")
+                     s_col="constexpr", t_row="i32", t_col="constexpr", y_stride="constexpr", g_row="i32")
     signature.update({name: "fp32" for name in ("kappa", "eps", "inv_t", "kl_w", "ce_w", "u_w", "rw_alpha", "rw_eps")})
-    signature["ignore_index"] = "i32"
-    for name in ("NORM", "NORM_T", "TEACHER", "HAS_KL", "HAS_CE", "HAS_UNIFORM", "REWEIGHT", "HAS_TARGET", "FP64",
-                 "SINGLE", "BLOCK"):
+    signature["ignore_index"] = "i64"  # NO_IGNORE_INDEX = −2^63 when the public ignore_index is None
+    for name in ("NORM", "NORM_T", "TEACHER", "HAS_CE", "HAS_UNIFORM", "REWEIGHT", "HAS_TARGET", "HAS_TEACHER",
+                 "FP64", "SINGLE", "BLOCK"):
         signature[name] = "constexpr"
     return signature
 
@@ -78,33 +85,38 @@ def _nd_configs():
                                  ("fp64", True, 512)):
         ptr = f"*{TYPE[dtype]}"
         signature = dict(U=ptr, FT=ptr, Y="*i64", CEN=ptr, LOSS="*fp64" if dtype == "fp64" else "*fp32", GRAD=ptr,
-                         D="i32", u_row="i32", u_col="constexpr", t_row="i32", t_col="constexpr", c_row="i32",
-                         c_col="constexpr", g_row="i32", eps="fp32", FP64="constexpr", SINGLE="constexpr",
-                         BLOCK="constexpr")
+                         D="i32", num_centres="i32", u_row="i32", u_col="constexpr", t_row="i32", t_col="constexpr",
+                         y_stride="constexpr", c_row="i32", c_col="constexpr", g_row="i32", eps="fp32",
+                         ignore_index="i64", FP64="constexpr", SINGLE="constexpr", BLOCK="constexpr")
         configs.append((f"nd/{dtype}/{'single' if single else 'streamed'}", signature,
-                        dict(u_col=1, t_col=1, c_col=1, FP64=dtype == "fp64", SINGLE=single, BLOCK=block), 4))
+                        dict(u_col=1, t_col=1, y_stride=1, c_col=1, FP64=dtype == "fp64", SINGLE=single,
+                             BLOCK=block), 4))
     return configs
 
 
 def _gram_configs():
     import torch
 
-    from kdfast.backends.triton.landmark_gram import KIND_CODES, gram_warps, launch_config
+    from kdfast.backends._contract import GRAM_KIND_CODES
+    from kdfast.backends.triton.landmark_gram import gram_warps, launch_config
     configs = []
     for dtype, kind, m, fused_limit in (("bf16", "smooth_l1", 100, 256), ("fp32", "smooth_l1", 100, 256),
-                                        ("fp16", "sq_fro", 1000, 256), ("fp32", "sq_fro", 1000, 256)):
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+                                        ("fp16", "sq_fro", 1000, 256), ("fp32", "sq_fro", 1000, 256),
+                                        ("fp64", "smooth_l1", 100, 256), ("fp64", "sq_fro", 1000, 256)):
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                       "fp64": torch.float64}[dtype]
         meta = launch_config(torch_dtype, m, fused_limit)
         ptr = f"*{TYPE[dtype]}"
-        signature = dict(FS=ptr, CS=ptr, ST="*fp32", SCALE="*fp32", LOSS="*fp32", GRAD=ptr, GSCRATCH="*fp32", B="i32", M="i32",
+        acc = "*fp64" if dtype == "fp64" else "*fp32"
+        signature = dict(FS=ptr, CS=ptr, ST=acc, SCALE=acc, LOSS=acc, GRAD=ptr, GSCRATCH=acc, B="i32", M="i32",
                          DS="i32", fs_row="i32", fs_col="constexpr", cs_row="i32", cs_col="constexpr", st_row="i32",
                          g_row="i32", gs_row="i32", beta="fp32")
         signature.update({name: "constexpr" for name in ("KIND", *meta)})
         label = f"gram/{kind}/{dtype}/m{m}/{'fused' if meta['FUSED_GRAD'] else 'scratch'}"
-        configs.append((label, signature, dict(meta, KIND=KIND_CODES[kind], fs_col=1, cs_col=1),
+        configs.append((label, signature, dict(meta, KIND=GRAM_KIND_CODES[kind], fs_col=1, cs_col=1),
                         gram_warps(meta["BLOCK_M"])))
         if not meta["FUSED_GRAD"]:
-            grad_signature = dict(G="*fp32", CS=ptr, GRAD=ptr, B="i32", M="i32", DS="i32", g_row="i32", cs_row="i32",
+            grad_signature = dict(G=acc, CS=ptr, GRAD=ptr, B="i32", M="i32", DS="i32", g_row="i32", cs_row="i32",
                                   cs_col="constexpr", out_row="i32", GRAD_PRECISION="constexpr", BLOCK_B="constexpr",
                                   BLOCK_M="constexpr", BLOCK_D="constexpr")
             configs.append((f"gram_grad/{dtype}", grad_signature,

@@ -1,10 +1,14 @@
-"""Feature–centre family in Triton: the ND loss (spec §2a–2c) in one pass per row.
+"""Feature–centre family in Triton: the ND loss in one pass per row (contract:
+:mod:`kdfast.backends._contract`).
 
 Per row: gather the raw centre c_y by label, the four row dots ⟨u, c⟩, ‖u‖², ‖f^t‖², ‖c‖² in the
 compute dtype, ê = c/max(‖c‖, ε), M = max(‖u‖ or ‖f^t‖, ε) (tie → ‖u‖, the cosine branch), then
 
     ℓ = 1 − ⟨u, ê⟩/M,    ∂ℓ/∂u = −ê/M + [M = ‖u‖ > ε]·⟨u, ê⟩·u/‖u‖³.
 
+A row whose label equals ``ignore_index`` gets ℓ = 0 and a zero gradient row (nothing else is
+read); a NaN in the row's u or f^t makes ℓ and the whole gradient row NaN (so does a NaN in the
+centre it reads); a label outside [0, num_centres) gives NaN instead of an out-of-bounds read.
 A row of up to MAX_SINGLE_BLOCK features is loaded once; longer rows take two passes.
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._contract import NO_IGNORE_INDEX
 from ._common import acc_zero, accumulate_dtype, kernel_op, launch, row_block, row_warps, upcast
 
 
@@ -22,15 +27,24 @@ def _nd_row_dots(u, ft, c):
 
 
 @triton.jit
-def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, u_row, u_col, t_row, t_col, c_row, c_col, g_row, eps,
-               FP64: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, num_centres, u_row, u_col, t_row, t_col, y_stride, c_row, c_col,
+               g_row, eps, ignore_index, FP64: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    y = tl.load(Y + row).to(tl.int64)  # ignored rows arrive as class 0 (masked by the caller)
+    y = tl.load(Y + row * y_stride).to(tl.int64)
     u_base = U + row * u_row
     t_base = FT + row * t_row
     c_base = CEN + y * c_row
     g_base = GRAD + row * g_row
     lanes = tl.arange(0, BLOCK)
+    if (y == ignore_index) | (y < 0) | (y >= num_centres):
+        # ignored: loss 0, a zero gradient row; out of range: NaN, no out-of-bounds read
+        fill = tl.where(y == ignore_index, 0.0, float("nan"))
+        for start in range(0, D, BLOCK):
+            cols = start + lanes
+            tl.store(g_base + cols, (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(GRAD.dtype.element_ty),
+                     mask=cols < D)
+        tl.store(LOSS + row, acc_zero(FP64) + fill)
+        return
 
     uc = acc_zero(FP64)
     uu = uc
@@ -57,14 +71,18 @@ def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, u_row, u_col, t_row, t_col, c_row, 
             tt += d_tt
             cc += d_cc
 
-    inv_c = 1.0 / tl.maximum(tl.sqrt(cc), eps)
+    # NaN-propagating clamps: a NaN centre norm must not become ε
+    inv_c = 1.0 / tl.maximum(tl.sqrt(cc), eps, propagate_nan=tl.PropagateNan.ALL)
     u_norm = tl.sqrt(uu)
     cosine = u_norm >= tl.sqrt(tt)  # a tie takes the cosine branch, as Python's max in the official code
-    scale = tl.maximum(tl.where(cosine, u_norm, tl.sqrt(tt)), eps)
+    scale = tl.maximum(tl.where(cosine, u_norm, tl.sqrt(tt)), eps, propagate_nan=tl.PropagateNan.ALL)
+    # ‖u‖² or ‖f^t‖² is NaN exactly when the row holds a NaN: the whole row is NaN then (the
+    # comparison above would otherwise route a NaN ‖u‖ to the finite branch)
+    poison = tl.where((uu != uu) | (tt != tt), float("nan"), 0.0)
     ue = uc * inv_c
-    tl.store(LOSS + row, 1.0 - ue / scale)
+    tl.store(LOSS + row, 1.0 - ue / scale + poison)
     # coefficients of ∂ℓ/∂u = −(inv_c/M)·c + k·u; k ≠ 0 only where M is ‖u‖ itself (not a clamp)
-    coef_c = -inv_c / scale
+    coef_c = -inv_c / scale + poison
     k = tl.where(cosine & (u_norm > eps), ue / (scale * scale * scale), 0.0)
     if SINGLE:
         tl.store(g_base + lanes, (coef_c * c + k * u).to(GRAD.dtype.element_ty), mask=mask)
@@ -80,7 +98,8 @@ def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, u_row, u_col, t_row, t_col, c_row, 
 
 @kernel_op("kdfast::triton_feature_centre")
 def triton_feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor,
-                          centers: torch.Tensor, eps: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          centers: torch.Tensor, eps: float, ignore_index: int,
+                          block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows, dim = u.shape
     loss = torch.empty(rows, dtype=accumulate_dtype(u.dtype), device=u.device)
     grad = torch.empty((rows, dim), dtype=u.dtype, device=u.device)
@@ -88,15 +107,17 @@ def triton_feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, targe
         return loss, grad
     block, single = row_block(dim, block_size if block_size > 0 else None)
     launch(_nd_kernel, (rows,),
-        u, teacher_features, target, centers, loss, grad, dim, u.stride(0), u.stride(1),
-        teacher_features.stride(0), teacher_features.stride(1), centers.stride(0), centers.stride(1),
-        grad.stride(0), eps, FP64=u.dtype == torch.float64, SINGLE=single, BLOCK=block,
+        u, teacher_features, target, centers, loss, grad, dim, centers.shape[0], u.stride(0), u.stride(1),
+        teacher_features.stride(0), teacher_features.stride(1), target.stride(0), centers.stride(0),
+        centers.stride(1), grad.stride(0), eps, ignore_index, FP64=u.dtype == torch.float64, SINGLE=single, BLOCK=block,
         num_warps=row_warps(block))
     return loss, grad
 
 
 def feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor, centers: torch.Tensor,
-                   eps: float, block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract's feature–centre kernel (``_fused``); ``block_size`` > 0 forces the block."""
-    return torch.ops.kdfast.triton_feature_centre(u, teacher_features, target.long(), centers, float(eps),
-                                                  int(block_size))
+                   eps: float, ignore_index: int = NO_IGNORE_INDEX,
+                   block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract's feature–centre kernel; ``ignore_index`` (default: none ignored) as in the
+    module docstring, labels of any integer dtype and stride; ``block_size`` > 0 forces the block."""
+    return torch.ops.kdfast.triton_feature_centre(u, teacher_features, target, centers, float(eps),
+                                                  int(ignore_index), int(block_size))

@@ -1,14 +1,21 @@
-"""Landmark-Gram family in Triton: KDA / Nyström partial-Gram transfer (spec §3a–3c).
+"""Landmark-Gram family in Triton: KDA / Nyström partial-Gram transfer (contract:
+:mod:`kdfast.backends._contract`).
 
 One program per tile of BLOCK_B rows:  S^s = F^s·C^sᵀ by ``tl.dot`` over K-blocks of d_s,
-R = S^s − S^t, the smooth-L1 / square epilogue in fp32 with per-row sums, G = ∂ℓ/∂R, and the
+R = S^s − S^t, the smooth-L1 / square epilogue with per-row sums, G = ∂ℓ/∂R, and the
 gradient G·C^s by a second ``tl.dot``. When all m landmarks fit in one tile (m ≤ MAX_FUSED_M, the
 usual case: m = number of classes ≤ 256) G stays in registers and the gradient is written by the
 same program; otherwise G is written to an fp32 [B, m] scratch and a second kernel multiplies.
 
 The teacher side S^t = F^t·C^tᵀ and ‖S^t‖_F are a torch matmul (computed once per batch, no
 gradient); the contract's factor weight/(‖S^t‖_F + eps) is read by the kernel from a device scalar
-and applied to the loss rows and to G before G·C^s, so no pass over the [B, d] gradient follows. Tiles are padded to 16 with masked loads because ``tl.dot`` needs every dimension ≥ 16.
+and applied to the loss rows and to G before G·C^s, so no pass over the [B, d] gradient follows.
+Tiles are padded to 16 with masked loads because ``tl.dot`` needs every dimension ≥ 16.
+
+The compute dtype is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs (fp64 ``tl.dot``):
+it is the dtype of the teacher Gram S^t, the scale, the loss rows and the G scratch. A NaN in a
+student row makes its S^s row, hence its R, G and gradient rows NaN (huber's slope for |r| ≥ β is
+r/|r|, which keeps a NaN); a NaN teacher row does the same through S^t.
 """
 from __future__ import annotations
 
@@ -16,9 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, kernel_op, launch
+from .._contract import GRAM_KIND_CODES
+from ._common import INTERPRETED, accumulate_dtype, kernel_op, launch
 
-KIND_CODES = {"smooth_l1": 0, "sq_fro": 1}
+GRAM_SMOOTH_L1: tl.constexpr = tl.constexpr(GRAM_KIND_CODES["smooth_l1"])
+GRAM_SQUARED: tl.constexpr = tl.constexpr(GRAM_KIND_CODES["sq_fro"])
 BLOCK_B = 16      # rows per program: the smallest tl.dot tile; B is small in KD (≤ a few hundred)
 BLOCK_K = 32      # reduction block over the feature dimension for S = F·Cᵀ
 BLOCK_D = 32      # output block over the feature dimension for G·C (64 spilled at m = 100, sm_90)
@@ -37,10 +46,12 @@ def _tile(n: int, cap: int) -> int:
 @triton.jit
 def _residual_epilogue(r, beta, KIND: tl.constexpr):
     """(elementwise loss, its derivative) of the residual: huber_β (smooth-L1) or r²."""
-    if KIND == 0:
-        small = tl.abs(r) < beta
-        loss = tl.where(small, 0.5 * r * r / beta, tl.abs(r) - 0.5 * beta)
-        grad = tl.where(small, r / beta, tl.where(r > 0, 1.0, -1.0))
+    if KIND == GRAM_SMOOTH_L1:
+        size = tl.abs(r)
+        small = size < beta
+        loss = tl.where(small, 0.5 * r * r / beta, size - 0.5 * beta)
+        # r/|r|, not a sign select: a NaN residual keeps its NaN (|r| ≥ β > 0 elsewhere)
+        grad = tl.where(small, r / beta, r / tl.where(small, 1.0, size))
     else:
         loss = r * r
         grad = 2.0 * r
@@ -56,11 +67,12 @@ def _gram_kernel(FS, CS, ST, SCALE, LOSS, GRAD, GSCRATCH, B, M, DS,
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     scale = tl.load(SCALE)
-    loss_rows = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc_type = ST.dtype.element_ty  # the compute dtype: fp32, or fp64 for fp64 inputs
+    loss_rows = tl.zeros([BLOCK_B], dtype=acc_type)
     for m_start in range(0, M, BLOCK_M):
         lm = m_start + tl.arange(0, BLOCK_M)
         lm_mask = lm < M
-        gram = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+        gram = tl.zeros([BLOCK_B, BLOCK_M], dtype=acc_type)
         for k_start in range(0, DS, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
             k_mask = ks < DS
@@ -68,9 +80,9 @@ def _gram_kernel(FS, CS, ST, SCALE, LOSS, GRAD, GSCRATCH, B, M, DS,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             c = tl.load(CS + lm[:, None] * cs_row + ks[None, :] * cs_col,
                         mask=lm_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST:  # fp32 operands: the interpreter's half-precision dot is wrong
-                f = f.to(tl.float32)
-                c = c.to(tl.float32)
+            if UPCAST:  # operands in the compute dtype: the interpreter's half-precision dot is wrong
+                f = f.to(acc_type)
+                c = c.to(acc_type)
             gram = tl.dot(f, tl.trans(c), gram, input_precision=PRECISION)
         tile_mask = row_mask[:, None] & lm_mask[None, :]
         teacher = tl.load(ST + rows[:, None] * st_row + lm[None, :], mask=tile_mask, other=0.0)
@@ -82,7 +94,7 @@ def _gram_kernel(FS, CS, ST, SCALE, LOSS, GRAD, GSCRATCH, B, M, DS,
                 ds = d_start + tl.arange(0, BLOCK_D)
                 d_mask = ds < DS
                 c = tl.load(CS + lm[:, None] * cs_row + ds[None, :] * cs_col,
-                            mask=lm_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                            mask=lm_mask[:, None] & d_mask[None, :], other=0.0).to(acc_type)
                 out = tl.dot(g, c, input_precision=GRAD_PRECISION)
                 tl.store(GRAD + rows[:, None] * g_row + ds[None, :], out.to(GRAD.dtype.element_ty),
                          mask=row_mask[:, None] & d_mask[None, :])
@@ -95,26 +107,27 @@ def _gram_kernel(FS, CS, ST, SCALE, LOSS, GRAD, GSCRATCH, B, M, DS,
 def _gram_grad_kernel(G, CS, GRAD, B, M, DS, g_row, cs_row, cs_col, out_row,
                       GRAD_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_D: tl.constexpr):
-    """GRAD[rows, ds] = G[rows, :]·C^s[:, ds] for many landmarks (G in fp32 scratch)."""
+    """GRAD[rows, ds] = G[rows, :]·C^s[:, ds] for many landmarks (G in a scratch of the compute dtype)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < B
     d_mask = ds < DS
-    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    acc_type = G.dtype.element_ty
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=acc_type)
     for m_start in range(0, M, BLOCK_M):
         lm = m_start + tl.arange(0, BLOCK_M)
         lm_mask = lm < M
         g = tl.load(G + rows[:, None] * g_row + lm[None, :], mask=row_mask[:, None] & lm_mask[None, :], other=0.0)
         c = tl.load(CS + lm[:, None] * cs_row + ds[None, :] * cs_col,
-                    mask=lm_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                    mask=lm_mask[:, None] & d_mask[None, :], other=0.0).to(acc_type)
         acc = tl.dot(g, c, acc, input_precision=GRAD_PRECISION)
     tl.store(GRAD + rows[:, None] * out_row + ds[None, :], acc.to(GRAD.dtype.element_ty),
              mask=row_mask[:, None] & d_mask[None, :])
 
 
 def launch_config(dtype: torch.dtype, num_landmarks: int, max_fused_m: int = MAX_FUSED_M) -> dict:
-    """Constexprs for an input dtype: fp32 inputs use exact fp32 products ("ieee", not TF32, since
-    R = S^s − S^t cancels); fp16/bf16 multiply natively on a GPU (products exact in fp32) and
+    """Constexprs for an input dtype: fp32 and fp64 inputs use exact products ("ieee", not TF32,
+    since R = S^s − S^t cancels); fp16/bf16 multiply natively on a GPU (products exact in fp32) and
     upcast under the interpreter; G·C^s (G in fp32) uses TF32 there, below the output's rounding."""
     half = dtype in (torch.float16, torch.bfloat16)
     fused = num_landmarks <= max_fused_m
@@ -128,11 +141,12 @@ def launch_config(dtype: torch.dtype, num_landmarks: int, max_fused_m: int = MAX
 @kernel_op("kdfast::triton_landmark_gram")
 def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch.Tensor, scale: torch.Tensor,
                          kind: str, beta: float, max_fused_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row loss sums fp32 [B], ∂/∂F^s [B, d_s]) of the residual F^s·C^sᵀ − teacher_gram, both
-    multiplied by the fp32 scalar tensor ``scale``."""
+    """(per-row loss sums [B], ∂/∂F^s [B, d_s]) of the residual F^s·C^sᵀ − teacher_gram, both
+    multiplied by the scalar tensor ``scale``; teacher_gram, scale and the loss rows are in the
+    compute dtype (fp64 for fp64 inputs, else fp32)."""
     rows, dim = fs.shape
     landmarks = cs.shape[0]
-    loss = torch.empty(rows, dtype=torch.float32, device=fs.device)
+    loss = torch.empty(rows, dtype=teacher_gram.dtype, device=fs.device)
     grad = torch.empty((rows, dim), dtype=fs.dtype, device=fs.device)
     if rows == 0:
         return loss, grad
@@ -140,11 +154,11 @@ def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch
         return loss.zero_(), grad.zero_()
     meta = launch_config(fs.dtype, landmarks, max_fused_m)
     fused = meta["FUSED_GRAD"]
-    scratch = grad if fused else torch.empty((rows, landmarks), dtype=torch.float32, device=fs.device)
+    scratch = grad if fused else torch.empty((rows, landmarks), dtype=teacher_gram.dtype, device=fs.device)
     launch(_gram_kernel, (triton.cdiv(rows, BLOCK_B),),
         fs, cs, teacher_gram, scale, loss, grad, scratch, rows, landmarks, dim,
         fs.stride(0), fs.stride(1), cs.stride(0), cs.stride(1), teacher_gram.stride(0), grad.stride(0),
-        scratch.stride(0), beta, KIND=KIND_CODES[kind], num_warps=gram_warps(meta["BLOCK_M"]), **meta)
+        scratch.stride(0), beta, KIND=GRAM_KIND_CODES[kind], num_warps=gram_warps(meta["BLOCK_M"]), **meta)
     if not fused:
         launch(_gram_grad_kernel, (triton.cdiv(rows, BLOCK_B), triton.cdiv(dim, BLOCK_D)),
             scratch, cs, grad, rows, landmarks, dim, scratch.stride(0), cs.stride(0), cs.stride(1), grad.stride(0),
@@ -156,13 +170,13 @@ def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch
 def landmark_gram(fs: torch.Tensor, ft: torch.Tensor, cs: torch.Tensor, ct: torch.Tensor, kind: str, beta: float,
                   weight: float = 1.0, normalize: bool = False, eps: float = 0.0,
                   max_fused_m: int = MAX_FUSED_M) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The contract's landmark-Gram kernel (``_fused``). fp64 inputs are computed in fp32 (tl.dot
-    has no fp64 path on every GPU we target) and the gradient is returned as fp64."""
-    work_dtype = torch.float32 if fs.dtype == torch.float64 else fs.dtype
-    # the teacher side: one matmul per batch, fp32 accumulate, no gradient
-    teacher_gram = (ft.detach().to(torch.float32) @ ct.detach().to(torch.float32).T).contiguous()
+    """The contract's landmark-Gram kernel; ``max_fused_m`` caps the landmarks whose G tile stays
+    in registers (tests force the scratch path with a small one). fp64 inputs are computed in fp64."""
+    acc = accumulate_dtype(fs.dtype)
+    # the teacher side: one matmul per batch in the compute dtype, no gradient
+    teacher_gram = (ft.detach().to(acc) @ ct.detach().to(acc).T).contiguous()
     teacher_norm = torch.linalg.vector_norm(teacher_gram)
-    scale = weight / (teacher_norm + eps) if normalize else torch.full((), weight, device=fs.device)
-    loss, grad = torch.ops.kdfast.triton_landmark_gram(fs.to(work_dtype), teacher_gram, cs.detach().to(work_dtype),
-                                                       scale.to(torch.float32), kind, float(beta), int(max_fused_m))
-    return loss, grad.to(fs.dtype), teacher_norm
+    scale = weight / (teacher_norm + eps) if normalize else torch.full((), weight, dtype=acc, device=fs.device)
+    loss, grad = torch.ops.kdfast.triton_landmark_gram(fs, teacher_gram, cs.detach().to(fs.dtype), scale.to(acc),
+                                                       kind, float(beta), int(max_fused_m))
+    return loss, grad, teacher_norm

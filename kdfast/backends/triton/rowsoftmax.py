@@ -1,15 +1,20 @@
 """Row-softmax family in Triton: KD, SKD (layernorm / l2 / standardize), CE, KD-pt, label
 smoothing, re-weighted CE and ignore_index as compile-time modes of one kernel; the loss and the
-gradient come out of the same launch (contract: ``kdfast.backends._fused``).
+gradient come out of the same launch. The per-row math is the contract's
+(:mod:`kdfast.backends._contract`), in stages of the same names:
 
-Per row, with h = a·(z − μ) the normalised logits (a = 1, μ = 0 without normalisation)::
+    normalisation_map       h = scale·(z − μ) from the row statistics, and its backward factors c1, c2
+    exp_shift               m, or 0 when m = −inf; log softmax(h/T) = (h − m)/T − log Σ exp((h − m)/T)
+    partial_teacher_logs    log ρ and log q_other of the partial teacher
+    kl_entry                q·(log q − log p), 0 where q == 0
+    row_coefficients        ∂ℓ/∂h = kl_coef·(p_T − q) + ce_coef·(p − e_y) + u_coef·(p − 1/C)
+    logit_gradient          that line per entry
+    normalisation_backward  ∂ℓ/∂z = scale·(g − c1·mean g) − scale·c2·Σ g(z − μ)·(z − μ), only when normalising
 
-    g  = kl_w/T·(softmax(h^s/T) − q) + ce_w·w·(softmax(h^s) − e_y) + u_w·(softmax(h^s) − 1/C)
-    dz = a·(g − c1·mean(g)) − a·c2·Σ_j g_j(z_j − μ) · (z − μ)
-
-where (c1, c2) encode the normalisation's backward (see ``_norm_coeffs``). One program per row:
-a row that fits in one block is loaded once and kept in registers; a longer row is streamed in
-up to four passes (statistics, online log-sum-exp, the two gradient sums, the gradient store).
+Exponentials are taken of (h − m)·(1/T), never of h/T, so a large logit at a small temperature does
+not overflow. One program per row: a row that fits in one block is loaded once and kept in
+registers; a longer row is streamed in up to four passes (statistics, online sums of
+exponentials, the two sums the normalisation's backward needs, the gradient store).
 """
 from __future__ import annotations
 
@@ -19,16 +24,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused import RowSoftmaxParams
+from .._contract import NORMALIZE_CODES, TEACHER_CODES, RowSoftmaxParams
 from ._common import acc_zero, accumulate_dtype, kernel_op, launch, row_block, row_warps, upcast
 
-NORMALIZE_CODES = {"none": 0, "layernorm": 1, "l2": 2, "standardize": 3}
-TEACHER_CODES = {"none": 0, "softmax": 1, "partial": 2}
+NORM_NONE: tl.constexpr = tl.constexpr(NORMALIZE_CODES["none"])
+NORM_LAYERNORM: tl.constexpr = tl.constexpr(NORMALIZE_CODES["layernorm"])
+NORM_L2: tl.constexpr = tl.constexpr(NORMALIZE_CODES["l2"])
+NORM_STANDARDIZE: tl.constexpr = tl.constexpr(NORMALIZE_CODES["standardize"])
+TEACHER_NONE: tl.constexpr = tl.constexpr(TEACHER_CODES["none"])
+TEACHER_SOFTMAX: tl.constexpr = tl.constexpr(TEACHER_CODES["softmax"])
+TEACHER_PARTIAL: tl.constexpr = tl.constexpr(TEACHER_CODES["partial"])
+#: the smallest normal of each compute dtype: standardize clamps var there before the square root
+TINY_FP32: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).tiny)
+TINY_FP64: tl.constexpr = tl.constexpr(torch.finfo(torch.float64).tiny)
 
 
 @triton.jit
-def _block_moments(x, mask):
-    """(count, mean, M2) of the valid lanes, two-pass inside the block."""
+def row_moments(x, mask):
+    """(count, mean, M2 = Σ(x − mean)²) of the lanes in ``mask``, two-pass inside the block."""
     n = tl.sum(mask.to(x.dtype), axis=0)
     mean = tl.sum(tl.where(mask, x, 0.0), axis=0) / n
     d = tl.where(mask, x - mean, 0.0)
@@ -36,7 +49,7 @@ def _block_moments(x, mask):
 
 
 @triton.jit
-def _merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al.'s merge of two (count, mean, M2) summaries; n_a = 0 is allowed."""
     n = n_a + n_b
     delta = mean_b - mean_a
@@ -45,39 +58,95 @@ def _merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _norm_coeffs(mean, m2, num_classes, kappa, eps, NORM: tl.constexpr):
-    """(μ, a, c1, c2) such that h = a·(z − μ) and dz = a·(g − c1·mean g) − a·c2·Σg(z−μ)·(z − μ).
-
-    layernorm: a = κ/√(var+ε), c2 = 1/(C(var+ε)); l2: a = κ/max(‖z‖, ε), c2 = 1/‖z‖² unless
-    clamped; standardize: a = κ/(σ+ε) with the unbiased σ, c2 = 1/((C−1)σ(σ+ε)) unless σ = 0.
-    The clamps have zero slope, as in the reference."""
+def normalisation_map(mean, m2, num_classes, kappa, eps, NORM: tl.constexpr, FP64: tl.constexpr):
+    """(μ, scale, c1, c2): h = scale·(z − μ) and its backward factors (see the module docstring)."""
     zero = mean * 0.0
-    if NORM == 1:
+    if NORM == NORM_LAYERNORM:
+        # SKD: κ·(z − μ)/√(var + ε), biased var
         var_eps = m2 / num_classes + eps
         return mean, kappa / tl.sqrt(var_eps), zero + 1.0, 1.0 / (num_classes * var_eps)
-    elif NORM == 2:
+    elif NORM == NORM_L2:
+        # κ·z/max(‖z‖, ε); the clamp has zero slope
         norm = tl.sqrt(m2 + num_classes * mean * mean)
-        clamped = tl.maximum(norm, eps)
+        clamped = tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL)
         c2 = tl.where(norm > eps, 1.0 / (clamped * clamped), 0.0)
         return zero, kappa / clamped, zero, c2
-    elif NORM == 3:
+    elif NORM == NORM_STANDARDIZE:
+        # κ·(z − μ)/(σ + ε), unbiased σ = √max(var, tiny); the clamp has zero slope
+        tiny = TINY_FP32
+        if FP64:
+            tiny = TINY_FP64
         var = m2 / tl.maximum(num_classes - 1.0, 1.0)
-        live = var > 1.1754944e-38  # the reference clamps var at fp32's tiny before the sqrt
-        std = tl.sqrt(tl.maximum(var, 1.1754944e-38))
-        c2 = tl.where(live, 1.0 / (tl.maximum(num_classes - 1.0, 1.0) * std * (std + eps)), 0.0)
+        std = tl.sqrt(tl.maximum(var, tiny, propagate_nan=tl.PropagateNan.ALL))
+        c2 = tl.where(var > tiny, 1.0 / (tl.maximum(num_classes - 1.0, 1.0) * std * (std + eps)), 0.0)
         return mean, kappa / (std + eps), zero + 1.0, c2
     else:
         return zero, zero + 1.0, zero, zero
 
 
 @triton.jit
-def _lse_update(m, l, x, mask):
-    """Fold the valid lanes of x into a running (max, Σ exp(x − max)); all-masked stays (−inf, 0)."""
-    xm = tl.where(mask, x, float("-inf"))
-    m_new = tl.maximum(m, tl.max(xm, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_new = l * tl.exp(m - m_safe) + tl.sum(tl.where(mask, tl.exp(xm - m_safe), 0.0), axis=0)
-    return m_new, l_new
+def exp_shift(m):
+    """The shift of a set's exponentials: its max, or 0 when the max is −inf (an all-masked set,
+    whose sum of exponentials is then 0 and whose log is −inf)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def exp_sum_update(l, m_old, m_new, x, inv_t):
+    """Σ exp((x − shift)·inv_t) over the block (masked lanes hold −inf) added to the running sum l
+    taken at m_old's shift, all at the shift of m_new. An all-masked history (m_old = −inf, l = 0)
+    stays 0."""
+    shift = exp_shift(m_new)
+    return l * tl.exp((m_old - shift) * inv_t) + tl.sum(tl.exp((x - shift) * inv_t), axis=0)
+
+
+@triton.jit
+def partial_teacher_logs(zt_y, m_t, log_zt, m_o, l_o, inv_t, num_classes, PARTIAL: tl.constexpr):
+    """(log ρ, log q_other) from the raw teacher at T: (m_t, log_zt) the teacher's max and log sum of
+    exponentials, (m_o, l_o) the max and sum over the classes c ≠ y (read only for the partial
+    teacher; the re-weighting needs ρ alone)."""
+    log_rho = (zt_y - exp_shift(m_t)) * inv_t - log_zt
+    log_other = log_rho * 0.0
+    if PARTIAL:
+        # every c ≠ y masked (or C = 1): q_other = 0 exactly, whatever the teacher's own shift
+        log_rest = tl.where(l_o == 0, float("-inf"),
+                            (exp_shift(m_o) - exp_shift(m_t)) * inv_t + tl.log(tl.where(l_o == 0, 1.0, l_o)) - log_zt)
+        log_other = log_rest - tl.log(tl.maximum(num_classes - 1.0, 1.0))
+    return log_rho, log_other
+
+
+@triton.jit
+def kl_entry(q, log_q, log_p):
+    """q·(log q − log p), 0·log 0 = 0 only at q == 0 exactly (a NaN stays NaN; log p = −inf where
+    q > 0 gives +inf)."""
+    return tl.where(q == 0, 0.0, q * (tl.where(q == 0, 0.0, log_q) - log_p))
+
+
+@triton.jit
+def row_coefficients(kl_w, ce_w, u_w, w, inv_t):
+    """(kl_coef, ce_coef, u_coef) of ∂ℓ/∂h = kl_coef·(p_T − q) + ce_coef·(p − e_y) + u_coef·(p − 1/C)
+    (each bracket is computed as it stands: exactly 0 where p = e_y or p is uniform)."""
+    return kl_w * inv_t, ce_w * w, u_w + w * 0.0
+
+
+@triton.jit
+def logit_gradient(p_t, q, p, is_y, inv_c, kl_coef, ce_coef, u_coef, poison, HAS_KL: tl.constexpr,
+                   HAS_CE: tl.constexpr, HAS_UNIFORM: tl.constexpr):
+    """∂ℓ/∂h per entry from the row coefficients (plus ``poison``: 0, or NaN for a NaN row)."""
+    g = p * 0.0 + poison
+    if HAS_KL:
+        g += kl_coef * (p_t - q)
+    if HAS_CE:
+        g += ce_coef * (p - tl.where(is_y, 1.0, 0.0))
+    if HAS_UNIFORM:
+        g += u_coef * (p - inv_c)
+    return g
+
+
+@triton.jit
+def normalisation_backward(g, zc, scale, c1, c2, sum_g, sum_gz, inv_c):
+    """∂ℓ/∂z = scale·(g − c1·mean g) − scale·c2·Σ g(z − μ)·(z − μ) (zc = z − μ)."""
+    return scale * (g - c1 * sum_g * inv_c) - (scale * c2 * sum_gz) * zc
 
 
 @triton.jit
@@ -86,56 +155,66 @@ def _load_row_block(base, cols, mask, stride, FP64: tl.constexpr):
 
 
 @triton.jit
-def _lse_block(hs, ht, cols, mask, y, inv_t, m_st, l_st, m_s1, l_s1, m_t, l_t, m_o, l_o,
-               HAS_KL: tl.constexpr, NEED_P1: tl.constexpr, NEED_TLSE: tl.constexpr, PARTIAL: tl.constexpr):
-    """One block's share of every log-sum-exp the row needs: student at T and at 1, teacher at T,
-    and (partial teacher) the teacher at T over the classes c ≠ y."""
+def _block_exp_sums(hs, ht, cols, mask, y, inv_t, m_s, l_st, l_s1, m_t, l_t, m_o, l_o, nan_t,
+                    HAS_KL: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr, PARTIAL: tl.constexpr,
+                    CHECK_T: tl.constexpr):
+    """One block folded into the row's running maxima and sums of exponentials: student at T and
+    at 1 (one max), teacher at T, and (partial teacher) the teacher over c ≠ y; ``nan_t`` counts
+    the teacher's NaNs when no term reads the teacher (a NaN there still poisons the row)."""
+    hs = tl.where(mask, hs, float("-inf"))
+    m_new = tl.maximum(m_s, tl.max(hs, axis=0))
     if HAS_KL:
-        m_st, l_st = _lse_update(m_st, l_st, hs * inv_t, mask)
-    if NEED_P1:
-        m_s1, l_s1 = _lse_update(m_s1, l_s1, hs, mask)
-    if NEED_TLSE:
-        m_t, l_t = _lse_update(m_t, l_t, ht * inv_t, mask)
-    if PARTIAL:
-        m_o, l_o = _lse_update(m_o, l_o, ht * inv_t, mask & (cols != y))
-    return m_st, l_st, m_s1, l_s1, m_t, l_t, m_o, l_o
+        l_st = exp_sum_update(l_st, m_s, m_new, hs, inv_t)
+    if NEED_P:
+        l_s1 = exp_sum_update(l_s1, m_s, m_new, hs, 1.0)
+    if NEED_Q:
+        ht_m = tl.where(mask, ht, float("-inf"))
+        m_t_new = tl.maximum(m_t, tl.max(ht_m, axis=0))
+        l_t = exp_sum_update(l_t, m_t, m_t_new, ht_m, inv_t)
+        m_t = m_t_new
+        if PARTIAL:
+            ho = tl.where(cols != y, ht_m, float("-inf"))
+            m_o_new = tl.maximum(m_o, tl.max(ho, axis=0))
+            l_o = exp_sum_update(l_o, m_o, m_o_new, ho, inv_t)
+            m_o = m_o_new
+    if CHECK_T:
+        nan_t += tl.sum(tl.where(mask & (ht != ht), 1.0, 0.0), axis=0)
+    return m_new, l_st, l_s1, m_t, l_t, m_o, l_o, nan_t
 
 
 @triton.jit
-def _grad_block(hs, ht, cols, mask, y, inv_t, lse_st, lse_s1, lse_t, log_rho, log_other, w,
-                kl_w, ce_w, u_w, inv_c, HAS_KL: tl.constexpr, TEACHER: tl.constexpr,
-                HAS_CE: tl.constexpr, HAS_UNIFORM: tl.constexpr):
-    """(∂ℓ/∂h on the block, the block's share of KL(q ‖ p_T)); masked lanes get 0."""
-    g = tl.zeros_like(hs)
-    kl = tl.sum(g, axis=0)
-    if HAS_KL:
-        log_pt = hs * inv_t - lse_st
-        if TEACHER == 1:
-            log_q = ht * inv_t - lse_t
+def _block_terms(hs, ht, cols, mask, y, inv_t, inv_c, shift_s, log_zst, log_zs1, shift_t, log_zt, log_rho, log_other,
+                 kl_coef, ce_coef, u_coef, poison, TEACHER: tl.constexpr, HAS_CE: tl.constexpr,
+                 HAS_UNIFORM: tl.constexpr):
+    """(∂ℓ/∂h on the block, the block's Σ kl_entry); masked lanes get 0."""
+    is_y = cols == y
+    p_t = hs * 0.0
+    q = p_t
+    kl = tl.sum(p_t, axis=0)
+    if TEACHER != TEACHER_NONE:
+        log_pt = (hs - shift_s) * inv_t - log_zst
+        if TEACHER == TEACHER_SOFTMAX:
+            log_q = (ht - shift_t) * inv_t - log_zt
         else:
-            log_q = tl.where(cols == y, log_rho, log_other)
-        log_q = tl.where(mask, log_q, float("-inf"))
+            log_q = tl.where(is_y, log_rho, log_other)
         q = tl.exp(log_q)
-        g += (kl_w * inv_t) * (tl.exp(log_pt) - q)
-        # 0·log 0 = 0 (only an exact 0: a NaN teacher must stay NaN): the partial teacher's ρ can round
-        # to 1, and C = 1 leaves no other class
-        kl = tl.sum(tl.where(q != 0, q * (tl.where(q != 0, log_q, 0.0) - log_pt), 0.0), axis=0)
+        p_t = tl.exp(log_pt)
+        kl = tl.sum(tl.where(mask, kl_entry(q, log_q, log_pt), 0.0), axis=0)
+    p = p_t
     if HAS_CE or HAS_UNIFORM:
-        p = tl.exp(hs - lse_s1)
-        if HAS_CE:
-            g += (ce_w * w) * (p - tl.where(cols == y, 1.0, 0.0))
-        if HAS_UNIFORM:
-            g += u_w * (p - inv_c)
+        p = tl.exp((hs - shift_s) - log_zs1)
+    g = logit_gradient(p_t, q, p, is_y, inv_c, kl_coef, ce_coef, u_coef, poison, TEACHER != TEACHER_NONE, HAS_CE,
+                       HAS_UNIFORM)
     return tl.where(mask, g, 0.0), kl
 
 
 @triton.jit
 def _row_softmax_kernel(
     S, T, Y, LOSS, GRAD,
-    C, num_classes, s_row, s_col, t_row, t_col, g_row,
+    C, num_classes, s_row, s_col, t_row, t_col, y_stride, g_row,
     kappa, eps, inv_t, kl_w, ce_w, u_w, rw_alpha, rw_eps, ignore_index,
-    NORM: tl.constexpr, NORM_T: tl.constexpr, TEACHER: tl.constexpr, HAS_KL: tl.constexpr,
-    HAS_CE: tl.constexpr, HAS_UNIFORM: tl.constexpr, REWEIGHT: tl.constexpr, HAS_TARGET: tl.constexpr,
+    NORM: tl.constexpr, NORM_T: tl.constexpr, TEACHER: tl.constexpr, HAS_CE: tl.constexpr,
+    HAS_UNIFORM: tl.constexpr, REWEIGHT: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr,
     FP64: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 row offsets: N·C may exceed 2^31
@@ -143,23 +222,27 @@ def _row_softmax_kernel(
     t_base = T + row * t_row
     g_base = GRAD + row * g_row
     lanes = tl.arange(0, BLOCK)
-    LOAD_T: tl.constexpr = TEACHER != 0 or REWEIGHT
-    NEED_P1: tl.constexpr = HAS_CE or HAS_UNIFORM or REWEIGHT
-    NEED_TLSE: tl.constexpr = TEACHER != 0 or REWEIGHT
+    HAS_KL: tl.constexpr = TEACHER != TEACHER_NONE
+    NEED_P: tl.constexpr = HAS_CE or HAS_UNIFORM or REWEIGHT         # softmax(h^s) at T = 1
+    NEED_Q: tl.constexpr = HAS_KL or REWEIGHT                        # the teacher's exponentials
+    CHECK_T: tl.constexpr = HAS_TEACHER and not NEED_Q               # read only to poison a NaN row
+    NORMALISED: tl.constexpr = NORM != NORM_NONE
 
     y = row * 0
     if HAS_TARGET:
-        y = tl.load(Y + row)
-        if y == ignore_index:
-            # an ignored row: zero loss, zero gradient, nothing else read
+        y = tl.load(Y + row * y_stride).to(tl.int64)
+        if (y == ignore_index) | (y < 0) | (y >= C):
+            # ignored: loss 0, a zero gradient row, nothing else read; out of range: NaN, no bad read
+            fill = tl.where(y == ignore_index, 0.0, float("nan"))
             for start in range(0, C, BLOCK):
                 cols = start + lanes
-                tl.store(g_base + cols, tl.zeros([BLOCK], dtype=GRAD.dtype.element_ty), mask=cols < C)
-            tl.store(LOSS + row, acc_zero(FP64))
+                tl.store(g_base + cols, (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(GRAD.dtype.element_ty),
+                         mask=cols < C)
+            tl.store(LOSS + row, acc_zero(FP64) + fill)
             return
 
     zero = acc_zero(FP64)
-    # ---- pass A: normalisation statistics (student; teacher when it is normalised too)
+    # ---- row statistics → the normalisation maps (student; teacher when it is normalised too)
     mean_s = zero
     m2_s = zero
     mean_t = zero
@@ -168,152 +251,162 @@ def _row_softmax_kernel(
         mask = lanes < C
         zs = _load_row_block(s_base, lanes, mask, s_col, FP64)
         zt = zs
-        if LOAD_T:
+        if HAS_TEACHER:
             zt = _load_row_block(t_base, lanes, mask, t_col, FP64)
-        if NORM != 0:
-            _, mean_s, m2_s = _block_moments(zs, mask)
-        if NORM_T != 0:
-            _, mean_t, m2_t = _block_moments(zt, mask)
-    else:
-        if NORM != 0:
-            n_s = zero
-            n_t = zero
-            for start in range(0, C, BLOCK):
-                cols = start + lanes
-                mask = cols < C
-                zs = _load_row_block(s_base, cols, mask, s_col, FP64)
-                nb, mb, m2b = _block_moments(zs, mask)
-                n_s, mean_s, m2_s = _merge_moments(n_s, mean_s, m2_s, nb, mb, m2b)
-                if NORM_T != 0:
-                    zt = _load_row_block(t_base, cols, mask, t_col, FP64)
-                    nb, mb, m2b = _block_moments(zt, mask)
-                    n_t, mean_t, m2_t = _merge_moments(n_t, mean_t, m2_t, nb, mb, m2b)
-    mu_s, a_s, c1, c2 = _norm_coeffs(mean_s, m2_s, num_classes, kappa, eps, NORM)
-    mu_t, a_t, _, _ = _norm_coeffs(mean_t, m2_t, num_classes, kappa, eps, NORM_T)
+        if NORMALISED:
+            _, mean_s, m2_s = row_moments(zs, mask)
+        if NORM_T != NORM_NONE:
+            _, mean_t, m2_t = row_moments(zt, mask)
+    elif NORMALISED:
+        n_s = zero
+        n_t = zero
+        for start in range(0, C, BLOCK):
+            cols = start + lanes
+            mask = cols < C
+            nb, mb, m2b = row_moments(_load_row_block(s_base, cols, mask, s_col, FP64), mask)
+            n_s, mean_s, m2_s = merge_moments(n_s, mean_s, m2_s, nb, mb, m2b)
+            if NORM_T != NORM_NONE:
+                nb, mb, m2b = row_moments(_load_row_block(t_base, cols, mask, t_col, FP64), mask)
+                n_t, mean_t, m2_t = merge_moments(n_t, mean_t, m2_t, nb, mb, m2b)
+    mu_s, a_s, c1, c2 = normalisation_map(mean_s, m2_s, num_classes, kappa, eps, NORM, FP64)
+    mu_t, a_t, _, _ = normalisation_map(mean_t, m2_t, num_classes, kappa, eps, NORM_T, FP64)
 
-    # ---- pass B: log-sum-exps
-    m_st = zero + float("-inf")
+    # ---- maxima and sums of exponentials
+    m_s = zero + float("-inf")
+    m_t = m_s
+    m_o = m_s
     l_st = zero
-    m_s1 = m_st
     l_s1 = zero
-    m_t = m_st
     l_t = zero
-    m_o = m_st
     l_o = zero
+    nan_t = zero
     if SINGLE:
-        hs = tl.where(mask, a_s * (zs - mu_s), 0.0)
-        ht = tl.where(mask, a_t * (zt - mu_t), 0.0)
-        m_st, l_st, m_s1, l_s1, m_t, l_t, m_o, l_o = _lse_block(
-            hs, ht, lanes, mask, y, inv_t, m_st, l_st, m_s1, l_s1, m_t, l_t, m_o, l_o,
-            HAS_KL, NEED_P1, NEED_TLSE, TEACHER == 2)
+        hs = a_s * (zs - mu_s)
+        ht = a_t * (zt - mu_t)
+        m_s, l_st, l_s1, m_t, l_t, m_o, l_o, nan_t = _block_exp_sums(
+            hs, ht, lanes, mask, y, inv_t, m_s, l_st, l_s1, m_t, l_t, m_o, l_o, nan_t,
+            HAS_KL, NEED_P, NEED_Q, TEACHER == TEACHER_PARTIAL, CHECK_T)
     else:
         for start in range(0, C, BLOCK):
             cols = start + lanes
             mask = cols < C
-            hs = tl.where(mask, a_s * (_load_row_block(s_base, cols, mask, s_col, FP64) - mu_s), 0.0)
+            hs = a_s * (_load_row_block(s_base, cols, mask, s_col, FP64) - mu_s)
             ht = hs
-            if LOAD_T:
-                ht = tl.where(mask, a_t * (_load_row_block(t_base, cols, mask, t_col, FP64) - mu_t), 0.0)
-            m_st, l_st, m_s1, l_s1, m_t, l_t, m_o, l_o = _lse_block(
-                hs, ht, cols, mask, y, inv_t, m_st, l_st, m_s1, l_s1, m_t, l_t, m_o, l_o,
-                HAS_KL, NEED_P1, NEED_TLSE, TEACHER == 2)
-    lse_st = zero
-    lse_s1 = zero
-    lse_t = zero
+            if HAS_TEACHER:
+                ht = a_t * (_load_row_block(t_base, cols, mask, t_col, FP64) - mu_t)
+            m_s, l_st, l_s1, m_t, l_t, m_o, l_o, nan_t = _block_exp_sums(
+                hs, ht, cols, mask, y, inv_t, m_s, l_st, l_s1, m_t, l_t, m_o, l_o, nan_t,
+                HAS_KL, NEED_P, NEED_Q, TEACHER == TEACHER_PARTIAL, CHECK_T)
+    shift_s = exp_shift(m_s)
+    shift_t = exp_shift(m_t)
+    log_zst = zero
+    log_zs1 = zero
+    log_zt = zero
     if HAS_KL:
-        lse_st = m_st + tl.log(l_st)
-    if NEED_P1:
-        lse_s1 = m_s1 + tl.log(l_s1)
-    if NEED_TLSE:
-        lse_t = m_t + tl.log(l_t)
+        log_zst = tl.log(l_st)
+    if NEED_P:
+        log_zs1 = tl.log(l_s1)
+    if NEED_Q:
+        log_zt = tl.log(l_t)
 
-    # ---- row scalars at the label: CE term, partial teacher, re-weighting
+    # ---- row scalars at the label: the CE term, the partial teacher, the re-weighting
     hs_y = zero
     log_rho = zero
     log_other = zero
     w = zero + 1.0
     if HAS_CE or REWEIGHT:
         hs_y = a_s * (upcast(tl.load(s_base + y * s_col), FP64) - mu_s)
-    if TEACHER == 2 or REWEIGHT:
-        # the partial teacher and ρ use the raw teacher at T (spec §4a, §4c)
-        log_rho = upcast(tl.load(t_base + y * t_col), FP64) * inv_t - lse_t
-    if TEACHER == 2:
-        # log(1 − ρ) from the log-sum-exp over c ≠ y, never log(1 − exp(log ρ)); −inf when C = 1
-        log_other = (m_o + tl.log(l_o)) - lse_t - tl.log(tl.maximum(num_classes - 1.0, 1.0))
+    if TEACHER == TEACHER_PARTIAL or REWEIGHT:
+        # the raw teacher at T (NORM_T is none in these modes)
+        log_rho, log_other = partial_teacher_logs(upcast(tl.load(t_base + y * t_col), FP64), m_t, log_zt, m_o,
+                                                  l_o, inv_t, num_classes, TEACHER == TEACHER_PARTIAL)
     if REWEIGHT:
-        one_minus_p = 1.0 - tl.exp(hs_y - lse_s1)
-        w = 1.0 - rw_alpha * (1.0 - tl.exp(log_rho)) / tl.maximum(one_minus_p, rw_eps)
-
-    # ---- gradient, loss
+        one_minus_p = 1.0 - tl.exp(hs_y - shift_s - log_zs1)
+        w = 1.0 - rw_alpha * (1.0 - tl.exp(log_rho)) / tl.maximum(one_minus_p, rw_eps,
+                                                                  propagate_nan=tl.PropagateNan.ALL)
     inv_c = 1.0 / num_classes
+    kl_coef, ce_coef, u_coef = row_coefficients(kl_w, ce_w, u_w, w, inv_t)
+    poison = tl.where(nan_t > 0, float("nan"), 0.0)  # only CHECK_T sets nan_t
+
+    # ---- gradient and loss
     sum_g = zero
     sum_gz = zero
     kl = zero
-    sum_h = zero
+    sum_hs = zero
     if SINGLE:
-        g, kl = _grad_block(hs, ht, lanes, mask, y, inv_t, lse_st, lse_s1, lse_t, log_rho, log_other, w,
-                            kl_w, ce_w, u_w, inv_c, HAS_KL, TEACHER, HAS_CE, HAS_UNIFORM)
-        sum_h = tl.sum(hs, axis=0)
-        zc = zs - mu_s
-        if NORM != 0:
-            sum_g = tl.sum(g, axis=0)
-            sum_gz = tl.sum(g * zc, axis=0)
-        dz = a_s * (g - c1 * sum_g * inv_c) - (a_s * c2 * sum_gz) * zc
+        g, kl = _block_terms(hs, ht, lanes, mask, y, inv_t, inv_c, shift_s, log_zst, log_zs1, shift_t, log_zt, log_rho,
+                             log_other, kl_coef, ce_coef, u_coef, poison, TEACHER, HAS_CE, HAS_UNIFORM)
+        sum_hs = tl.sum(tl.where(mask, hs, 0.0), axis=0)
+        dz = g
+        if NORMALISED:
+            zc = zs - mu_s
+            dz = normalisation_backward(g, zc, a_s, c1, c2, tl.sum(g, axis=0), tl.sum(g * zc, axis=0), inv_c)
         tl.store(g_base + lanes, dz.to(GRAD.dtype.element_ty), mask=mask)
     else:
-        if NORM != 0:
-            # pass C: the two row sums the normalisation's backward needs
+        if NORMALISED:
+            # the two row sums the normalisation's backward needs
             for start in range(0, C, BLOCK):
                 cols = start + lanes
                 mask = cols < C
                 zc = _load_row_block(s_base, cols, mask, s_col, FP64) - mu_s
-                hs = tl.where(mask, a_s * zc, 0.0)
-                ht = hs
-                if LOAD_T:
-                    ht = tl.where(mask, a_t * (_load_row_block(t_base, cols, mask, t_col, FP64) - mu_t), 0.0)
-                g, _ = _grad_block(hs, ht, cols, mask, y, inv_t, lse_st, lse_s1, lse_t, log_rho, log_other, w,
-                                   kl_w, ce_w, u_w, inv_c, HAS_KL, TEACHER, HAS_CE, HAS_UNIFORM)
+                ht = zc
+                if TEACHER == TEACHER_SOFTMAX:
+                    ht = a_t * (_load_row_block(t_base, cols, mask, t_col, FP64) - mu_t)
+                g, _ = _block_terms(a_s * zc, ht, cols, mask, y, inv_t, inv_c, shift_s, log_zst, log_zs1, shift_t,
+                                    log_zt, log_rho, log_other, kl_coef, ce_coef, u_coef, poison, TEACHER, HAS_CE,
+                                    HAS_UNIFORM)
                 sum_g += tl.sum(g, axis=0)
-                sum_gz += tl.sum(g * zc, axis=0)
-        # pass D: the gradient store (and the loss sums)
+                sum_gz += tl.sum(tl.where(mask, g * zc, 0.0), axis=0)
         for start in range(0, C, BLOCK):
             cols = start + lanes
             mask = cols < C
             zc = _load_row_block(s_base, cols, mask, s_col, FP64) - mu_s
-            hs = tl.where(mask, a_s * zc, 0.0)
+            hs = a_s * zc
             ht = hs
-            if LOAD_T:
-                ht = tl.where(mask, a_t * (_load_row_block(t_base, cols, mask, t_col, FP64) - mu_t), 0.0)
-            g, kl_b = _grad_block(hs, ht, cols, mask, y, inv_t, lse_st, lse_s1, lse_t, log_rho, log_other, w,
-                                  kl_w, ce_w, u_w, inv_c, HAS_KL, TEACHER, HAS_CE, HAS_UNIFORM)
-            kl += kl_b
-            sum_h += tl.sum(hs, axis=0)
-            dz = a_s * (g - c1 * sum_g * inv_c) - (a_s * c2 * sum_gz) * zc
+            if TEACHER == TEACHER_SOFTMAX:
+                ht = a_t * (_load_row_block(t_base, cols, mask, t_col, FP64) - mu_t)
+            g, kl_block = _block_terms(hs, ht, cols, mask, y, inv_t, inv_c, shift_s, log_zst, log_zs1, shift_t,
+                                       log_zt, log_rho, log_other, kl_coef, ce_coef, u_coef, poison, TEACHER, HAS_CE,
+                                       HAS_UNIFORM)
+            kl += kl_block
+            sum_hs += tl.sum(tl.where(mask, hs, 0.0), axis=0)
+            dz = g
+            if NORMALISED:
+                dz = normalisation_backward(g, zc, a_s, c1, c2, sum_g, sum_gz, inv_c)
             tl.store(g_base + cols, dz.to(GRAD.dtype.element_ty), mask=mask)
 
-    loss = zero
+    loss = zero + poison
     if HAS_KL:
         loss += kl_w * kl
     if HAS_CE:
-        loss += ce_w * w * (lse_s1 - hs_y)
+        loss += ce_w * w * (log_zs1 - (hs_y - shift_s))   # −log p_y
     if HAS_UNIFORM:
-        loss += u_w * (lse_s1 - sum_h * inv_c)
+        # −mean log p from the mean of h, not from Σ(h − m): C·(h − m) overflows before a mean does
+        loss += u_w * (log_zs1 - (sum_hs * inv_c - shift_s))
     tl.store(LOSS + row, loss)
 
 
 def kernel_meta(params: RowSoftmaxParams, has_teacher: bool, has_target: bool) -> dict:
-    """The constexpr switches for a parameter set (also used by the AOT compile test)."""
+    """The constexpr switches for a parameter set (also used by the AOT compile test): the teacher
+    code is the KL term's (none without a KL term)."""
     normalize = NORMALIZE_CODES[params.normalize]
-    teacher = TEACHER_CODES[params.teacher] if has_teacher else 0
+    has_kl = has_teacher and params.teacher != "none" and params.kl_weight != 0
+    if params.teacher == "partial" and has_kl and not has_target:
+        raise ValueError("the partial teacher needs a target")
+    teacher = TEACHER_CODES[params.teacher] if has_kl else TEACHER_CODES["none"]
+    reweight = params.reweight and has_teacher and has_target and params.ce_weight != 0
+    norm_t = normalize if teacher == TEACHER_CODES["softmax"] else NORMALIZE_CODES["none"]
+    if reweight and norm_t != NORMALIZE_CODES["none"]:
+        raise ValueError("re-weighting reads the raw teacher; it cannot be combined with a normalised teacher")
     return dict(
         NORM=normalize,
-        NORM_T=normalize if teacher == 1 else 0,
+        NORM_T=norm_t,
         TEACHER=teacher,
-        HAS_KL=teacher != 0 and params.kl_weight != 0,
         HAS_CE=params.ce_weight != 0 and has_target,
         HAS_UNIFORM=params.uniform_weight != 0 and has_target,
-        REWEIGHT=params.reweight and has_teacher and has_target,
+        REWEIGHT=reweight,
         HAS_TARGET=has_target,
+        HAS_TEACHER=has_teacher,
     )
 
 
@@ -342,7 +435,7 @@ def triton_row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], t
     launch(_row_softmax_kernel, (rows,),
         student, teacher_arg, target_arg, loss, grad,
         num_classes, float(num_classes), student.stride(0), student.stride(1),
-        teacher_arg.stride(0), teacher_arg.stride(1), grad.stride(0),
+        teacher_arg.stride(0), teacher_arg.stride(1), target_arg.stride(0), grad.stride(0),
         multiplier if normalize != "none" else 1.0, eps, 1.0 / temperature, kl_weight, ce_weight, uniform_weight,
         reweight_alpha, reweight_eps, ignore_index,
         FP64=student.dtype == torch.float64, SINGLE=single, BLOCK=block, num_warps=row_warps(block), **meta)
@@ -351,7 +444,9 @@ def triton_row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], t
 
 def row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], target: Optional[torch.Tensor],
                 params: RowSoftmaxParams, block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract's row-softmax kernel (``_fused``); ``block_size`` > 0 forces the column block."""
+    """The contract's row-softmax kernel; ``block_size`` > 0 forces the column block. Labels may be
+    of any integer dtype and stride; a row whose label equals ``params.ignore_index`` gets loss 0 and
+    a zero gradient row, a label outside [0, C) a NaN loss and a NaN gradient row."""
     return torch.ops.kdfast.triton_row_softmax(
         student, teacher, target, params.normalize, params.teacher, float(params.multiplier), float(params.eps),
         float(params.temperature), float(params.kl_weight), float(params.ce_weight), float(params.uniform_weight),
