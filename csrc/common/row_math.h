@@ -157,7 +157,7 @@ struct RowSums {
   acc_t student_label = 0;                 // raw z_y (when a label is read)
   acc_t student_exp = 1;                   // Zs = Σ exp(scale/T·(z − max))       (KL term)
   acc_t teacher_exp = 1;                   // Zt = Σ exp(scale_t/T·(z^t − max^t)) (soft teacher)
-  acc_t kl_weighted = 0;                   // W = Σ kl_entry(e^t, l^t − l^s), in nats (soft teacher)
+  acc_t kl_weighted = 0;                   // Σ kl_entry(e^t, l^t − l^s)/Zt in nats (soft teacher)
   acc_t unit_exp = 1;                      // Z1 = Σ exp(scale·(z − max))          (CE/uniform, unless shared)
   acc_t teacher_label = 0;                 // raw z^t_y                            (partial teacher, re-weighting)
   acc_t rest_max = 0;                      // max_{c≠y} z^t_c                      (partial teacher)
@@ -178,7 +178,7 @@ struct RowCoefficients {
 // p = softmax(h)):
 //   ℓ = kl_w·KL(q ‖ p_T) + ce_w·w·(−log p_y) + u_w·(−mean_c log p_c)
 //   ∂ℓ/∂h = kl_w/T·(p_T − q) + ce_w·w·(p − e_y) + u_w·(p − 1/C)
-// soft teacher:    KL = W/Zt + log(Zs/Zt)
+// soft teacher:    KL = Σ q·(l^t − l^s) + log(Zs/Zt), the first term being sums.kl_weighted
 // partial teacher: q_y = ρ = σ_T(z^t)_y, q_c = (1 − ρ)/(C − 1) elsewhere; log(1 − ρ) comes from the
 //                  log-sum-exp over c ≠ y, never from 1 − ρ, so it stays accurate as ρ → 1
 // re-weighting:    detached w = 1 − α·(1 − ρ)/max(1 − p_y, eps), ρ from the raw teacher at T
@@ -190,7 +190,7 @@ KDFAST_HOST_DEVICE RowCoefficients<acc_t> row_coefficients(const RowSoftmaxFlags
   const acc_t inv_t = 1 / p.temperature;
   const acc_t scale_t = s.scale * inv_t;
   if (f.soft_teacher) {
-    c.loss += p.kl_weight * (sums.kl_weighted / sums.teacher_exp + log_of(sums.student_exp / sums.teacher_exp));
+    c.loss += p.kl_weight * (sums.kl_weighted + log_of(sums.student_exp / sums.teacher_exp));
     c.cs = p.kl_weight * inv_t / sums.student_exp;
     c.ct = p.kl_weight * inv_t / sums.teacher_exp;
   } else if (f.partial_teacher) {
@@ -203,13 +203,15 @@ KDFAST_HOST_DEVICE RowCoefficients<acc_t> row_coefficients(const RowSoftmaxFlags
     const acc_t rho = exp_of(log_rho), not_rho = exp_of(log_not_rho);
     const acc_t log_zs = log_of(sums.student_exp);
     const acc_t log_p_true = scale_t * (sums.student_label - sums.student_max) - log_zs;
-    const acc_t sum_log_p = scale_t * (sums.student_sum - acc_t(n) * sums.student_max) - acc_t(n) * log_zs;
+    // the mean of log p over all classes, not their sum: n·(z − max) overflows before a mean does
+    const acc_t mean_log_p = scale_t * (sums.student_sum / acc_t(n) - sums.student_max) - log_zs;
     acc_t kl = 0, q_other = 0;
     if (rho != 0) kl += rho * (log_rho - log_p_true);  // 0·log 0 = 0 (a NaN still counts)
     if (n > 1 && not_rho != 0) {
       const acc_t others = acc_t(n - 1);
       q_other = not_rho / others;
-      kl += not_rho * (log_not_rho - log_of(others)) - q_other * (sum_log_p - log_p_true);
+      // Σ_{c≠y} q_c·(log q_c − log p_c) with q_c = q_other
+      kl += not_rho * (log_not_rho - log_of(others)) - (q_other * acc_t(n)) * mean_log_p + q_other * log_p_true;
     }
     c.loss += p.kl_weight * kl;
     c.cs = p.kl_weight * inv_t / sums.student_exp;

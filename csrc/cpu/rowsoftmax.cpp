@@ -40,8 +40,8 @@ RowStatistics<acc_t> row_statistics(const acc_t* z, int64_t n, int normalize, ac
   return s;
 }
 
-// bs = exp(as·(zs − ms)), bt = exp(at·(zt − mt)) and their sums, plus W = Σ kl_entry(bt, lt − ls)
-// in nats: KL(q‖p) = W/Zt + log(Zs/Zt).
+// bs = exp(as·(zs − ms)), bt = exp(at·(zt − mt)) and their sums, plus Σ kl_entry(bt, lt − ls)/Zt in
+// nats: KL(q‖p) = that + log(Zs/Zt).
 template <typename acc_t>
 void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms, acc_t at, acc_t mt,
                 acc_t* bs, acc_t* bt, acc_t& zs_sum, acc_t& zt_sum, acc_t& weighted, NextRowPrefetch& prefetch) {
@@ -71,7 +71,18 @@ void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms,
   }
   zs_sum = s_sum;
   zt_sum = t_sum;
-  weighted = w * ScaledExp<acc_t>::kNatsPerUnit;
+  weighted = w * ScaledExp<acc_t>::kNatsPerUnit / t_sum;
+  if (!std::isfinite(weighted)) {
+    // A base-2 log-argument, (z − max)·scale·log2 e, and the unnormalised sum overflow where the
+    // reference's (z − max)·scale and q·(…) do not (entries ~±0.9·FLT_MAX): such a row, or one that
+    // really sums to ±inf or NaN, is summed again as the reference does, in nats with q = e^t/Zt.
+    const acc_t inv_sum = 1 / t_sum;
+    acc_t nats = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      nats += math::kl_entry(bt[j] * inv_sum, (zt[j] - mt) * at - (zs[j] - ms) * as);
+    }
+    weighted = nats;
+  }
 }
 
 //: the vector at row + i when the row exists (kHas), else zeros (a missing row is never read)

@@ -134,7 +134,7 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
   group_reduce<kWarpGroup, false>(exps, shared);
   sums.student_exp = exps[0];
   sums.teacher_exp = exps[1];
-  sums.kl_weighted = exps[2];
+  sums.kl_weighted = exps[2] / exps[1];
   sums.unit_exp = exps[3];
   sums.rest_exp = exps[4];
   sums.raw_teacher_exp = exps[5];
