@@ -89,3 +89,20 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if INTERPRETED and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@triton.jit
+def skip_row(y, ignore_index, num_classes, g_base, loss_ptr, num_columns, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """The contract's row action for a label: True (and the row written) when the row is not computed.
+    An ignored row gets loss 0 and a zero gradient row; a label outside [0, num_classes) gets a NaN
+    row (the wrappers have checked labels already: this only keeps a kernel from reading outside)."""
+    skipped = (y == ignore_index) | (y < 0) | (y >= num_classes)
+    if skipped:
+        fill = tl.where(y == ignore_index, 0.0, float("nan"))
+        lanes = tl.arange(0, BLOCK)
+        for start in range(0, num_columns, BLOCK):
+            cols = start + lanes
+            tl.store(g_base + cols, (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(g_base.dtype.element_ty),
+                     mask=cols < num_columns)
+        tl.store(loss_ptr, acc_zero(FP64) + fill)
+    return skipped

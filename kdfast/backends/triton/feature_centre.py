@@ -18,12 +18,31 @@ import triton
 import triton.language as tl
 
 from .._contract import NO_IGNORE_INDEX
-from ._common import acc_zero, accumulate_dtype, kernel_op, launch, row_block, row_warps, upcast
+from ._common import acc_zero, accumulate_dtype, kernel_op, launch, row_block, row_warps, skip_row, upcast
 
 
 @triton.jit
 def _nd_row_dots(u, ft, c):
     return tl.sum(u * c, axis=0), tl.sum(u * u, axis=0), tl.sum(ft * ft, axis=0), tl.sum(c * c, axis=0)
+
+
+@triton.jit
+def feature_centre_terms(u_dot_centre, centre_squares, u_squares, teacher_squares, eps):
+    """(ℓ, kc, ku) of one row, ∂ℓ/∂u = kc·c + ku·u (the C++ contract's feature_centre_terms):
+    ℓ = 1 − ⟨u, ê⟩/M, ê = c/max(‖c‖, ε), M = max(‖u‖, ‖f^t‖) clamped at ε (a tie takes ‖u‖, the cosine
+    branch); kc = −1/(max(‖c‖, ε)·M), ku = [M is ‖u‖, not clamped, u ≠ 0]·⟨u, ê⟩/(M²‖u‖). A NaN in u
+    or f^t makes M, hence ℓ and kc, NaN (the clamps propagate NaN)."""
+    centre_norm = tl.maximum(tl.sqrt(centre_squares), eps, propagate_nan=tl.PropagateNan.ALL)
+    u_norm = tl.sqrt(u_squares)
+    teacher_norm = tl.sqrt(teacher_squares)
+    student_branch = ~(u_norm < teacher_norm)
+    raw_scale = tl.where(student_branch, tl.maximum(u_norm, teacher_norm, propagate_nan=tl.PropagateNan.ALL),
+                         teacher_norm)
+    scale = tl.maximum(raw_scale, eps, propagate_nan=tl.PropagateNan.ALL)
+    cosine_part = u_dot_centre / centre_norm
+    through_norm = student_branch & (raw_scale >= eps) & (u_norm > 0)
+    ku = tl.where(through_norm, cosine_part / (scale * scale * u_norm), 0.0)
+    return 1.0 - cosine_part / scale, -1.0 / (centre_norm * scale), ku
 
 
 @triton.jit
@@ -36,14 +55,7 @@ def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, num_centres, u_row, u_col, t_row, t
     c_base = CEN + y * c_row
     g_base = GRAD + row * g_row
     lanes = tl.arange(0, BLOCK)
-    if (y == ignore_index) | (y < 0) | (y >= num_centres):
-        # ignored: loss 0, a zero gradient row; out of range: NaN, no out-of-bounds read
-        fill = tl.where(y == ignore_index, 0.0, float("nan"))
-        for start in range(0, D, BLOCK):
-            cols = start + lanes
-            tl.store(g_base + cols, (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(GRAD.dtype.element_ty),
-                     mask=cols < D)
-        tl.store(LOSS + row, acc_zero(FP64) + fill)
+    if skip_row(y, ignore_index, num_centres, g_base, LOSS + row, D, FP64, BLOCK):
         return
 
     uc = acc_zero(FP64)
@@ -71,21 +83,10 @@ def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, num_centres, u_row, u_col, t_row, t
             tt += d_tt
             cc += d_cc
 
-    # NaN-propagating clamps: a NaN centre norm must not become ε
-    inv_c = 1.0 / tl.maximum(tl.sqrt(cc), eps, propagate_nan=tl.PropagateNan.ALL)
-    u_norm = tl.sqrt(uu)
-    cosine = u_norm >= tl.sqrt(tt)  # a tie takes the cosine branch, as Python's max in the official code
-    scale = tl.maximum(tl.where(cosine, u_norm, tl.sqrt(tt)), eps, propagate_nan=tl.PropagateNan.ALL)
-    # ‖u‖² or ‖f^t‖² is NaN exactly when the row holds a NaN: the whole row is NaN then (the
-    # comparison above would otherwise route a NaN ‖u‖ to the finite branch)
-    poison = tl.where((uu != uu) | (tt != tt), float("nan"), 0.0)
-    ue = uc * inv_c
-    tl.store(LOSS + row, 1.0 - ue / scale + poison)
-    # coefficients of ∂ℓ/∂u = −(inv_c/M)·c + k·u; k ≠ 0 only where M is ‖u‖ itself (not a clamp)
-    coef_c = -inv_c / scale + poison
-    k = tl.where(cosine & (u_norm > eps), ue / (scale * scale * scale), 0.0)
+    loss, kc, ku = feature_centre_terms(uc, cc, uu, tt, eps)
+    tl.store(LOSS + row, loss)
     if SINGLE:
-        tl.store(g_base + lanes, (coef_c * c + k * u).to(GRAD.dtype.element_ty), mask=mask)
+        tl.store(g_base + lanes, (kc * c + ku * u).to(GRAD.dtype.element_ty), mask=mask)
     else:
         for start in range(0, D, BLOCK):
             cols = start + lanes
@@ -93,7 +94,7 @@ def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, num_centres, u_row, u_col, t_row, t
             offs = cols.to(tl.int64)
             u = upcast(tl.load(u_base + offs * u_col, mask=mask, other=0.0), FP64)
             c = upcast(tl.load(c_base + offs * c_col, mask=mask, other=0.0), FP64)
-            tl.store(g_base + cols, (coef_c * c + k * u).to(GRAD.dtype.element_ty), mask=mask)
+            tl.store(g_base + cols, (kc * c + ku * u).to(GRAD.dtype.element_ty), mask=mask)
 
 
 @kernel_op("kdfast::triton_feature_centre")

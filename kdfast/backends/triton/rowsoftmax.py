@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._contract import NORMALIZE_CODES, TEACHER_CODES, RowSoftmaxParams
-from ._common import acc_zero, accumulate_dtype, kernel_op, launch, row_block, row_warps, upcast
+from ._common import acc_zero, accumulate_dtype, kernel_op, launch, row_block, row_warps, skip_row, upcast
 
 NORM_NONE: tl.constexpr = tl.constexpr(NORMALIZE_CODES["none"])
 NORM_LAYERNORM: tl.constexpr = tl.constexpr(NORMALIZE_CODES["layernorm"])
@@ -231,14 +231,7 @@ def _row_softmax_kernel(
     y = row * 0
     if HAS_TARGET:
         y = tl.load(Y + row * y_stride).to(tl.int64)
-        if (y == ignore_index) | (y < 0) | (y >= C):
-            # ignored: loss 0, a zero gradient row, nothing else read; out of range: NaN, no bad read
-            fill = tl.where(y == ignore_index, 0.0, float("nan"))
-            for start in range(0, C, BLOCK):
-                cols = start + lanes
-                tl.store(g_base + cols, (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(GRAD.dtype.element_ty),
-                         mask=cols < C)
-            tl.store(LOSS + row, acc_zero(FP64) + fill)
+        if skip_row(y, ignore_index, C, g_base, LOSS + row, C, FP64, BLOCK):
             return
 
     zero = acc_zero(FP64)
