@@ -12,20 +12,23 @@
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(kdfast, m) {
-  // the integer codes (normalize, teacher_mode, kind) are csrc/common/contract.h's enums
+  // the integer codes (normalize, teacher_mode, kind) are csrc/common/contract.h's enums;
+  // compute_grad=False: the loss only (an empty gradient, no gradient pass); wide_grad: an fp32
+  // gradient for half inputs (see glue_common.h grad_dtype)
   m.def(
       "row_softmax(Tensor student, Tensor? teacher, Tensor? target, int normalize, float multiplier, float eps, "
       "float temperature, int teacher_mode, float kl_weight, float ce_weight, float uniform_weight, bool reweight, "
-      "float reweight_alpha, float reweight_eps, int ignore_index) -> (Tensor, Tensor)");
+      "float reweight_alpha, float reweight_eps, int ignore_index, bool compute_grad=True, bool wide_grad=False) "
+      "-> (Tensor, Tensor)");
   // rows whose target is ignore_index: loss 0, zero gradient
   m.def(
-      "feature_centre(Tensor student, Tensor teacher, Tensor target, Tensor centres, float eps, int ignore_index) "
-      "-> (Tensor, Tensor)");
+      "feature_centre(Tensor student, Tensor teacher, Tensor target, Tensor centres, float eps, int ignore_index, "
+      "bool compute_grad=True, bool wide_grad=False) -> (Tensor, Tensor)");
   // loss rows and gradient × weight, ÷ (‖S^t‖_F + eps) when normalize
   m.def(
       "landmark_gram(Tensor student_features, Tensor teacher_features, Tensor student_landmarks, "
-      "Tensor teacher_landmarks, int kind, float beta, float weight, bool normalize, float eps) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor teacher_landmarks, int kind, float beta, float weight, bool normalize, float eps, "
+      "bool compute_grad=True, bool wide_grad=False) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_capability() -> str", &kdfast::cpu::capability);
   m.def("cpu_parallel_threads_used() -> int", &kdfast::cpu::parallel_threads_used);
   m.def("cpu_set_gradient_reuse(bool enabled) -> bool", &kdfast::cpu::set_gradient_reuse);

@@ -174,13 +174,33 @@ inline FeatureCentreCall prepare_feature_centre(const char* op, const at::Tensor
   return call;
 }
 
-// The outputs of a row kernel: the gradient (allocated by the caller, contiguous like `like`) and
-// the per-row losses, both attached to args.
+//: the gradient's dtype: the input's, or fp32 for half inputs when `wide` (so that an upstream
+//: factor, e.g. a loss scale, is applied before the gradient's one rounding to the input dtype)
+inline at::ScalarType grad_dtype(const at::Tensor& input, bool wide) {
+  const bool half = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  return wide && half ? at::kFloat : input.scalar_type();
+}
+
+//: a contiguous gradient for `input` (see grad_dtype), or an undefined tensor when none is wanted
+inline at::Tensor empty_gradient_or_none(const at::Tensor& input, bool compute_grad, bool wide) {
+  return compute_grad ? at::empty(input.sizes(), input.options().dtype(grad_dtype(input, wide))) : at::Tensor();
+}
+
+// The outputs of a row kernel: the per-row losses and the gradient (allocated by the caller,
+// contiguous, of grad_dtype), both attached to args. Without a gradient (an undefined `grad`: the
+// loss only, e.g. under no_grad) the kernel skips every gradient pass and an empty tensor is returned.
 template <typename Args>
 inline std::tuple<at::Tensor, at::Tensor> attach_outputs(Args& args, const at::Tensor& like, at::Tensor grad) {
   at::Tensor loss = at::empty({args.rows}, like.options().dtype(loss_type(like)));
-  args.grad = grad.data_ptr();
   args.loss = loss.data_ptr();
+  args.grad_type = args.type;
+  args.grad = nullptr;
+  if (grad.defined()) {
+    args.grad = grad.data_ptr();
+    args.grad_type = element_type(grad, "gradient");
+  } else {
+    grad = at::empty({0}, like.options());
+  }
   return {loss, grad};
 }
 

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define KDFAST_HOST_DEVICE __host__ __device__ __forceinline__
@@ -32,11 +33,12 @@ struct RowSoftmaxArgs {
   const void* student = nullptr;    // [rows, classes], contiguous, `type`
   const void* teacher = nullptr;    // same layout, or null when no mode needs it
   const int64_t* target = nullptr;  // [rows] or null
-  void* grad = nullptr;             // [rows, classes], `type`
+  void* grad = nullptr;             // [rows, classes] of `grad_type`, or null: the loss only
   void* loss = nullptr;             // [rows], fp32 (fp64 for kFloat64)
   int64_t rows = 0;
   int64_t classes = 0;
   ElementType type = ElementType::kFloat32;
+  ElementType grad_type = ElementType::kFloat32;  // `type`, or the accumulation type (fp32) for half inputs
   int normalize = kNormNone;
   int teacher_mode = kTeacherNone;
   double multiplier = 1.0;
@@ -57,11 +59,12 @@ struct FeatureCentreArgs {
   const int64_t* target = nullptr;  // [rows]: ignore_index, or a class in [0, num_centres)
   const void* centres = nullptr;    // raw class means [num_centres, dim]
   int64_t num_centres = 0;
-  void* grad = nullptr;             // [rows, dim]
+  void* grad = nullptr;             // [rows, dim] of `grad_type`, or null: the loss only
   void* loss = nullptr;             // [rows], fp32 (fp64 for kFloat64)
   int64_t rows = 0;
   int64_t dim = 0;
   ElementType type = ElementType::kFloat32;
+  ElementType grad_type = ElementType::kFloat32;
   double eps = 1e-8;
   int64_t ignore_index = -100;
 };
@@ -78,6 +81,22 @@ inline Result visit_element_type(ElementType type, Result fallback, Visitor&& vi
     case ElementType::kFloat16: return visit(static_cast<typename Types::Float16*>(nullptr));
   }
   return fallback;
+}
+
+// visit(static_cast<T*>(nullptr), static_cast<G*>(nullptr)) with T the storage type of `type` and G
+// that of the gradient: T itself, or fp32 (the accumulation type) for half inputs whose gradient is
+// kept wide.
+template <typename Types, typename Result, typename Visitor>
+inline Result visit_element_and_grad_types(ElementType type, ElementType grad_type, Result fallback,
+                                           Visitor&& visit) {
+  return visit_element_type<Types>(type, fallback, [&](auto* element) {
+    using T = std::remove_pointer_t<decltype(element)>;
+    const bool wide = grad_type != type;
+    if constexpr (sizeof(T) == 2) {
+      if (wide) return visit(element, static_cast<typename Types::Float32*>(nullptr));
+    }
+    return wide ? fallback : visit(element, element);
+  });
 }
 
 // Which terms a row-softmax call computes; the same for every row of a call.

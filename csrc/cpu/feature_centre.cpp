@@ -50,7 +50,7 @@ void combine(const acc_t* c, const acc_t* u, const row_math::CentreTerms<acc_t>&
   for (; i < n; ++i) out[i] = row_math::feature_centre_gradient(terms, c[i], u[i]);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 bool rows(const FeatureCentreArgs& a, int64_t begin, int64_t end, void* scratch_bytes) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = a.dim;
@@ -58,18 +58,18 @@ bool rows(const FeatureCentreArgs& a, int64_t begin, int64_t end, void* scratch_
   const auto* student = static_cast<const scalar_t*>(a.student);
   const auto* teacher = static_cast<const scalar_t*>(a.teacher);
   const auto* centres = static_cast<const scalar_t*>(a.centres);
-  auto* grad = static_cast<scalar_t*>(a.grad);
+  auto* grad = static_cast<grad_t*>(a.grad);  // null: the loss only
   auto* loss = static_cast<acc_t*>(a.loss);
   const acc_t eps = static_cast<acc_t>(a.eps);
 
   bool labels_ok = true;
   for (int64_t r = begin; r < end; ++r) {
-    scalar_t* grad_row = grad + r * n;
+    grad_t* grad_row = grad != nullptr ? grad + r * n : nullptr;
     const int64_t y = a.target[r];  // validated by the glue; checked again so no gather reads outside
     const RowAction action = row_action(y, true, a.ignore_index, true, a.num_centres);
     if (action != RowAction::kCompute) {
       labels_ok = labels_ok && action == RowAction::kIgnore;
-      zero_row(grad_row, n);
+      if (grad_row != nullptr) zero_row(grad_row, n);
       loss[r] = 0;
       continue;
     }
@@ -79,7 +79,8 @@ bool rows(const FeatureCentreArgs& a, int64_t begin, int64_t end, void* scratch_
     const Dots<acc_t> d = four_dots(u, c, t, n);
     const row_math::CentreTerms<acc_t> terms = row_math::feature_centre_terms(d.uc, d.cc, d.uu, d.tt, eps);
     loss[r] = terms.loss;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (grad_row == nullptr) continue;
+    if constexpr (std::is_same_v<grad_t, acc_t>) {
       combine(c, u, terms, grad_row, n);
     } else {
       // the widened teacher row is no longer needed: reuse its buffer for the gradient
@@ -94,8 +95,9 @@ bool rows(const FeatureCentreArgs& a, int64_t begin, int64_t end, void* scratch_
 }  // namespace
 
 bool feature_centre_rows(const FeatureCentreArgs& args, int64_t begin, int64_t end, void* scratch) {
-  return visit_element_type<ElementTypes>(args.type, false, [&](auto* type) {
-    return rows<std::remove_pointer_t<decltype(type)>>(args, begin, end, scratch);
+  return visit_element_and_grad_types<ElementTypes>(args.type, args.grad_type, false, [&](auto* type, auto* grad) {
+    return rows<std::remove_pointer_t<decltype(type)>, std::remove_pointer_t<decltype(grad)>>(args, begin, end,
+                                                                                              scratch);
   });
 }
 

@@ -89,10 +89,10 @@ at::Tensor huge_page_block(int64_t bytes, const at::TensorOptions& options) {
   return block;
 }
 
-//: the gradient of `like`'s shape and dtype inside a block from huge_page_block (a view of it)
-at::Tensor gradient_view(const at::Tensor& block, const at::Tensor& like) {
+//: a gradient of this shape and dtype inside a block from huge_page_block (a view of it)
+at::Tensor gradient_view(const at::Tensor& block, at::IntArrayRef sizes, at::ScalarType dtype) {
   const int64_t bytes = block.numel() - static_cast<int64_t>(kHugePageBytes);
-  return block.narrow(0, huge_page_offset(block), bytes).view(like.scalar_type()).view(like.sizes());
+  return block.narrow(0, huge_page_offset(block), bytes).view(dtype).view(sizes);
 }
 
 // Opt-in (KDFAST_CPU_REUSE_GRADIENT=1 at start-up, or set_gradient_reuse): big gradient blocks are
@@ -123,30 +123,32 @@ KeptBlocks& kept_blocks() {
   return kept;
 }
 
-at::Tensor reused_gradient(int64_t bytes, const at::Tensor& like) {
+at::Tensor reused_gradient(int64_t bytes, at::IntArrayRef sizes, const at::TensorOptions& options) {
   auto& [lock, blocks] = kept_blocks();
   const std::lock_guard<std::mutex> guard(lock);
   const int64_t block_bytes = bytes + static_cast<int64_t>(kHugePageBytes);
   const auto idle = [](const at::Tensor& block) { return block.storage().use_count() == 1; };
   for (const at::Tensor& block : blocks) {
     // the view is made under the lock, so no other caller can see this block idle meanwhile
-    if (block.numel() == block_bytes && idle(block)) return gradient_view(block, like);
+    if (block.numel() == block_bytes && idle(block)) return gradient_view(block, sizes, options.dtype().toScalarType());
   }
-  at::Tensor block = huge_page_block(bytes, like.options());
+  at::Tensor block = huge_page_block(bytes, options);
   if (blocks.size() >= kReusedBlocks) {
     const auto old = std::find_if(blocks.begin(), blocks.end(), idle);
-    if (old == blocks.end()) return gradient_view(block, like);  // all kept blocks busy: not kept
+    if (old == blocks.end()) return gradient_view(block, sizes, options.dtype().toScalarType());  // all busy: not kept
     blocks.erase(old);
   }
   blocks.push_back(block);
-  return gradient_view(block, like);
+  return gradient_view(block, sizes, options.dtype().toScalarType());
 }
 
-at::Tensor empty_gradient(const at::Tensor& like) {
-  const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
-  if (bytes < kHugePageMinBytes) return at::empty_like(like, at::MemoryFormat::Contiguous);
-  if (reuse_enabled().load()) return reused_gradient(bytes, like);
-  return gradient_view(huge_page_block(bytes, like.options()), like);
+//: a contiguous gradient of `input`'s shape in `dtype`
+at::Tensor empty_gradient(const at::Tensor& input, at::ScalarType dtype) {
+  const at::TensorOptions options = input.options().dtype(dtype);
+  const int64_t bytes = input.numel() * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes < kHugePageMinBytes) return at::empty(input.sizes(), options);
+  if (reuse_enabled().load()) return reused_gradient(bytes, input.sizes(), options);
+  return gradient_view(huge_page_block(bytes, options), input.sizes(), dtype);
 }
 
 // Runs `body(begin, end, scratch)` over row ranges, each task with its own uninitialised scratch.
@@ -197,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                double multiplier, double eps, double temperature,
                                                int64_t teacher_mode, double kl_weight, double ce_weight,
                                                double uniform_weight, bool reweight, double reweight_alpha,
-                                               double reweight_eps, int64_t ignore_index) {
+                                               double reweight_eps, int64_t ignore_index, bool compute_grad,
+                                               bool wide_grad) {
   constexpr const char* op = "kdfast::row_softmax";
   glue::RowSoftmaxCall call = glue::prepare_row_softmax(op, student, teacher, target, normalize, multiplier, eps,
                                                         temperature, teacher_mode, kl_weight, ce_weight,
@@ -205,7 +208,9 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                         ignore_index);
   RowSoftmaxArgs& args = call.args;
   const int64_t rows = args.rows, classes = args.classes;
-  auto [loss, grad] = glue::attach_outputs(args, call.student, empty_gradient(call.student));
+  auto [loss, grad] = glue::attach_outputs(
+      args, call.student,
+      compute_grad ? empty_gradient(call.student, glue::grad_dtype(call.student, wide_grad)) : at::Tensor());
 
   const RowSoftmaxFn kernel = kernels().row_softmax;
   const bool ok = for_row_ranges(rows, classes, row_softmax_scratch_bytes(classes),
@@ -218,14 +223,15 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
 
 std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
                                                   const at::Tensor& target, const at::Tensor& centres, double eps,
-                                                  int64_t ignore_index) {
+                                                  int64_t ignore_index, bool compute_grad, bool wide_grad) {
   constexpr const char* op = "kdfast::feature_centre";
   glue::FeatureCentreCall call = glue::prepare_feature_centre(op, student, teacher, target, centres, eps, ignore_index);
   FeatureCentreArgs& args = call.args;
   // the kernel gathers centres[y]: every label must name a centre or be ignore_index
   TORCH_CHECK(!glue::bad_labels(call.target, 0, args.num_centres, ignore_index).any().item<bool>(), op,
               ": target must lie in [0, ", args.num_centres, ") or equal ignore_index (", ignore_index, ")");
-  auto [loss, grad] = glue::attach_outputs(args, call.student, at::empty_like(call.student));
+  auto [loss, grad] =
+      glue::attach_outputs(args, call.student, glue::empty_gradient_or_none(call.student, compute_grad, wide_grad));
   const FeatureCentreFn kernel = kernels().feature_centre;
   const bool ok = for_row_ranges(args.rows, args.dim, feature_centre_scratch_bytes(args.dim),
                                  [&](int64_t begin, int64_t end, void* scratch) { return kernel(args, begin, end, scratch); });

@@ -50,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                                              const at::Tensor& teacher_features,
                                                              const at::Tensor& student_landmarks,
                                                              const at::Tensor& teacher_landmarks, int64_t kind,
-                                                             double beta, double weight, bool normalize, double eps) {
+                                                             double beta, double weight, bool normalize, double eps,
+                                                             bool compute_grad, bool wide_grad) {
   glue::check_landmark_gram("kdfast::landmark_gram", student_features, teacher_features, student_landmarks,
                             teacher_landmarks, kind, beta);
   const int64_t rows = student_features.size(0), landmarks = student_landmarks.size(0);
@@ -68,7 +69,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
   });
   const at::Tensor teacher_norm = teacher_sq_rows.sum().sqrt();
   glue::apply_gram_factor(student_gram, loss_rows, teacher_norm, weight, normalize, eps);
-  at::Tensor grad = at::mm(student_gram, cs).to(student_features.scalar_type());
+  at::Tensor grad = compute_grad
+                        ? at::mm(student_gram, cs).to(glue::grad_dtype(student_features, wide_grad))
+                        : at::empty({0}, student_features.options());
   return {loss_rows, grad, teacher_norm};
 }
 

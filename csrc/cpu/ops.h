@@ -14,17 +14,19 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                double multiplier, double eps, double temperature,
                                                int64_t teacher_mode, double kl_weight, double ce_weight,
                                                double uniform_weight, bool reweight, double reweight_alpha,
-                                               double reweight_eps, int64_t ignore_index);
+                                               double reweight_eps, int64_t ignore_index, bool compute_grad,
+                                               bool wide_grad);
 
 std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
                                                   const at::Tensor& target, const at::Tensor& centres, double eps,
-                                                  int64_t ignore_index);
+                                                  int64_t ignore_index, bool compute_grad, bool wide_grad);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& student_features,
                                                              const at::Tensor& teacher_features,
                                                              const at::Tensor& student_landmarks,
                                                              const at::Tensor& teacher_landmarks, int64_t kind,
-                                                             double beta, double weight, bool normalize, double eps);
+                                                             double beta, double weight, bool normalize, double eps,
+                                                             bool compute_grad, bool wide_grad);
 
 //: the instruction set the row kernels run with: "avx512", "avx2" or "default"
 std::string capability();

@@ -178,7 +178,7 @@ void normalisation_backward_pass(const acc_t* g, const acc_t* z, int64_t n, cons
   for (; i < n; ++i) out[i] = math::normalised_gradient(g[i], z[i], b);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_bytes) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = a.classes;
@@ -191,24 +191,24 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
 
   const auto* student = static_cast<const scalar_t*>(a.student);
   const auto* teacher = static_cast<const scalar_t*>(a.teacher);
-  auto* grad = static_cast<scalar_t*>(a.grad);
+  auto* grad = static_cast<grad_t*>(a.grad);  // null: the loss only
   auto* loss = static_cast<acc_t*>(a.loss);
 
   const RowSoftmaxFlags f = row_softmax_flags(a);
   const math::RowSoftmaxScalars<acc_t> p = math::row_softmax_scalars<acc_t>(a);
   const acc_t inv_t = 1 / p.temperature;
   // Where g goes first: straight into the output when nothing follows it.
-  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  constexpr bool kSameType = std::is_same_v<grad_t, acc_t>;
   const bool direct = !f.normalised && kSameType;
 
   bool labels_ok = true;
   for (int64_t r = begin; r < end; ++r) {
-    scalar_t* grad_row = grad + r * n;
+    grad_t* grad_row = grad != nullptr ? grad + r * n : nullptr;
     const int64_t y = a.target != nullptr ? a.target[r] : -1;
     const RowAction action = row_action(y, a.target != nullptr, a.ignore_index, f.uses_label, n);
     if (action != RowAction::kCompute) {
       labels_ok = labels_ok && action == RowAction::kIgnore;
-      zero_row(grad_row, n);
+      if (grad_row != nullptr) zero_row(grad_row, n);
       loss[r] = 0;
       continue;
     }
@@ -247,6 +247,7 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
     }
     const math::RowCoefficients<acc_t> c = math::row_coefficients(f, p, s.map, n, sums);
     loss[r] = c.loss;
+    if (grad_row == nullptr) continue;
 
     acc_t* g = direct ? reinterpret_cast<acc_t*>(grad_row) : exp_student;
     acc_t g_sum = 0, gd_sum = 0;
@@ -270,8 +271,9 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
 }  // namespace
 
 bool row_softmax_rows(const RowSoftmaxArgs& args, int64_t begin, int64_t end, void* scratch) {
-  return visit_element_type<ElementTypes>(args.type, false, [&](auto* type) {
-    return rows<std::remove_pointer_t<decltype(type)>>(args, begin, end, scratch);
+  return visit_element_and_grad_types<ElementTypes>(args.type, args.grad_type, false, [&](auto* type, auto* grad) {
+    return rows<std::remove_pointer_t<decltype(type)>, std::remove_pointer_t<decltype(grad)>>(args, begin, end,
+                                                                                              scratch);
   });
 }
 

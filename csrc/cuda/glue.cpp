@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                double multiplier, double eps, double temperature,
                                                int64_t teacher_mode, double kl_weight, double ce_weight,
                                                double uniform_weight, bool reweight, double reweight_alpha,
-                                               double reweight_eps, int64_t ignore_index) {
+                                               double reweight_eps, int64_t ignore_index, bool compute_grad,
+                                               bool wide_grad) {
   constexpr const char* op = "kdfast::row_softmax (cuda)";
   const c10::cuda::CUDAGuard guard(student.device());
   glue::RowSoftmaxCall call = glue::prepare_row_softmax(op, student, teacher, target, normalize, multiplier, eps,
@@ -45,20 +46,22 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
   if (call.target.defined() && call.flags.uses_label) {
     assert_labels(call.target, args.classes, ignore_index, "kdfast::row_softmax: target outside [0, classes)");
   }
-  auto [loss, grad] = glue::attach_outputs(args, call.student, at::empty_like(call.student));
+  auto [loss, grad] =
+      glue::attach_outputs(args, call.student, glue::empty_gradient_or_none(call.student, compute_grad, wide_grad));
   C10_CUDA_CHECK(launch_row_softmax(args, current_stream()));
   return {loss, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
                                                   const at::Tensor& target, const at::Tensor& centres, double eps,
-                                                  int64_t ignore_index) {
+                                                  int64_t ignore_index, bool compute_grad, bool wide_grad) {
   constexpr const char* op = "kdfast::feature_centre (cuda)";
   const c10::cuda::CUDAGuard guard(student.device());
   glue::FeatureCentreCall call = glue::prepare_feature_centre(op, student, teacher, target, centres, eps, ignore_index);
   FeatureCentreArgs& args = call.args;
   assert_labels(call.target, args.num_centres, ignore_index, "kdfast::feature_centre: target outside the centres");
-  auto [loss, grad] = glue::attach_outputs(args, call.student, at::empty_like(call.student));
+  auto [loss, grad] =
+      glue::attach_outputs(args, call.student, glue::empty_gradient_or_none(call.student, compute_grad, wide_grad));
   C10_CUDA_CHECK(launch_feature_centre(args, current_stream()));
   return {loss, grad};
 }
@@ -67,7 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                                              const at::Tensor& teacher_features,
                                                              const at::Tensor& student_landmarks,
                                                              const at::Tensor& teacher_landmarks, int64_t kind,
-                                                             double beta, double weight, bool normalize, double eps) {
+                                                             double beta, double weight, bool normalize, double eps,
+                                                             bool compute_grad, bool wide_grad) {
   constexpr const char* op = "kdfast::landmark_gram (cuda)";
   glue::check_landmark_gram(op, student_features, teacher_features, student_landmarks, teacher_landmarks, kind, beta);
   const c10::cuda::CUDAGuard guard(student_features.device());
@@ -83,7 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_gram(const at::Tensor& s
                                       compute == at::kDouble, current_stream()));
   const at::Tensor teacher_norm = teacher_sq_rows.sum().sqrt();
   glue::apply_gram_factor(student_gram, loss_rows, teacher_norm, weight, normalize, eps);
-  at::Tensor grad = at::mm(student_gram, cs).to(student_features.scalar_type());
+  at::Tensor grad = compute_grad
+                        ? at::mm(student_gram, cs).to(glue::grad_dtype(student_features, wide_grad))
+                        : at::empty({0}, student_features.options());
   return {loss_rows, grad, teacher_norm};
 }
 

@@ -140,6 +140,7 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
   sums.raw_teacher_exp = exps[5];
   const math::RowCoefficients<acc_t> c = math::row_coefficients(f, p.scalars, s.map, n, sums);
   if (lane == 0) *loss_out = c.loss;
+  if (grad_row == nullptr) return;  // the loss only
 
   auto gradient = [&](int64_t i, acc_t a, acc_t b) {
     const acc_t es = f.kl ? exp_acc((a - s.max) * scale_t) : acc_t(0);
@@ -169,19 +170,21 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
 
 // Rows the contract does not compute (row_action) get loss 0 and a zero gradient here; returns
 // whether `row` was one of them, else its label in y.
-template <typename T>
+template <typename T, typename G>
 __device__ __forceinline__ bool skipped_row(const RowSoftmaxArgs& a, const Params<acc_t_of<T>>& p, int64_t row,
                                             int lane, int lanes, int64_t& y) {
   y = a.target != nullptr ? a.target[row] : -1;
   if (row_action(y, a.target != nullptr, p.ignore_index, p.flags.uses_label, p.n) == RowAction::kCompute) return false;
-  T* grad_row = static_cast<T*>(a.grad) + row * p.n;
-  for (int64_t i = lane; i < p.n; i += lanes) grad_row[i] = from_acc<T>(acc_t_of<T>(0));
+  if (a.grad != nullptr) {
+    G* grad_row = static_cast<G*>(a.grad) + row * p.n;
+    for (int64_t i = lane; i < p.n; i += lanes) grad_row[i] = from_acc<G>(acc_t_of<T>(0));
+  }
   if (lane == 0) static_cast<acc_t_of<T>*>(a.loss)[row] = 0;
   return true;
 }
 
-// One warp per row.
-template <typename T>
+// One warp per row (T: input, G: gradient element type).
+template <typename T, typename G>
 __global__ void warp_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
   using acc_t = acc_t_of<T>;
   const int lane = threadIdx.x % kWarpSize;
@@ -189,19 +192,20 @@ __global__ void warp_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   const T* student = static_cast<const T*>(a.student);
   const T* teacher = static_cast<const T*>(a.teacher);
-  T* grad = static_cast<T*>(a.grad);
+  G* grad = static_cast<G*>(a.grad);
   acc_t* loss = static_cast<acc_t*>(a.loss);
   for (int64_t row = first; row < a.rows; row += stride) {
     const int64_t offset = row * p.n;
     int64_t y;
-    if (skipped_row<T>(a, p, row, lane, kWarpSize, y)) continue;
-    process_row<true>(student + offset, teacher != nullptr ? teacher + offset : nullptr, y, p, grad + offset,
+    if (skipped_row<T, G>(a, p, row, lane, kWarpSize, y)) continue;
+    process_row<true>(student + offset, teacher != nullptr ? teacher + offset : nullptr, y, p,
+                      grad != nullptr ? grad + offset : nullptr,
                       loss + row, lane, kWarpSize, static_cast<acc_t*>(nullptr));
   }
 }
 
 // One block per row; kStage: widen the rows into shared memory once, then every pass reads there.
-template <typename T, bool kStage>
+template <typename T, typename G, bool kStage>
 __global__ void block_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
   using acc_t = acc_t_of<T>;
   extern __shared__ unsigned char dynamic_shared[];
@@ -209,13 +213,14 @@ __global__ void block_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
   acc_t* staged = reinterpret_cast<acc_t*>(dynamic_shared);
   const T* student = static_cast<const T*>(a.student);
   const T* teacher = static_cast<const T*>(a.teacher);
-  T* grad = static_cast<T*>(a.grad);
+  G* grad = static_cast<G*>(a.grad);
   acc_t* loss = static_cast<acc_t*>(a.loss);
   const int lane = threadIdx.x, lanes = blockDim.x;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const int64_t offset = row * p.n;
+    G* grad_row = grad != nullptr ? grad + offset : nullptr;
     int64_t y;
-    if (skipped_row<T>(a, p, row, lane, lanes, y)) continue;
+    if (skipped_row<T, G>(a, p, row, lane, lanes, y)) continue;
     const T* zt = teacher != nullptr ? teacher + offset : nullptr;
     if constexpr (kStage) {
       acc_t* zs_shared = staged;
@@ -227,21 +232,21 @@ __global__ void block_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
       });
       __syncthreads();
       process_row<false>(static_cast<const acc_t*>(zs_shared), static_cast<const acc_t*>(zt_shared), y, p,
-                         grad + offset, loss + row, lane, lanes, reduction);
+                         grad_row, loss + row, lane, lanes, reduction);
     } else {
-      process_row<false>(student + offset, zt, y, p, grad + offset, loss + row, lane, lanes, reduction);
+      process_row<false>(student + offset, zt, y, p, grad_row, loss + row, lane, lanes, reduction);
     }
   }
 }
 
-template <typename T>
+template <typename T, typename G>
 cudaError_t launch(const RowSoftmaxArgs& a, cudaStream_t stream) {
   using acc_t = acc_t_of<T>;
   if (a.rows == 0) return cudaSuccess;
   const Params<acc_t> p = make_params<acc_t>(a);
   if (a.classes <= kWarpRowMaxClasses) {
     const int64_t blocks = std::min<int64_t>((a.rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
-    warp_rows_kernel<T><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(a, p);
+    warp_rows_kernel<T, G><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(a, p);
     return cudaGetLastError();
   }
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(a.rows, kMaxGridRows));
@@ -254,12 +259,12 @@ cudaError_t launch(const RowSoftmaxArgs& a, cudaStream_t stream) {
   // leave room for the static reduction buffer
   const int64_t budget = static_cast<int64_t>(optin) - static_cast<int64_t>(8 * kMaxWarps * sizeof(acc_t));
   if (staged_bytes <= budget) {
-    error = cudaFuncSetAttribute(block_rows_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    error = cudaFuncSetAttribute(block_rows_kernel<T, G, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  static_cast<int>(staged_bytes));
     if (error != cudaSuccess) return error;
-    block_rows_kernel<T, true><<<blocks, kRowBlockThreads, static_cast<size_t>(staged_bytes), stream>>>(a, p);
+    block_rows_kernel<T, G, true><<<blocks, kRowBlockThreads, static_cast<size_t>(staged_bytes), stream>>>(a, p);
   } else {
-    block_rows_kernel<T, false><<<blocks, kRowBlockThreads, 0, stream>>>(a, p);
+    block_rows_kernel<T, G, false><<<blocks, kRowBlockThreads, 0, stream>>>(a, p);
   }
   return cudaGetLastError();
 }
@@ -267,8 +272,9 @@ cudaError_t launch(const RowSoftmaxArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_row_softmax(const RowSoftmaxArgs& args, cudaStream_t stream) {
-  return visit_element_type<ElementTypes>(args.type, cudaErrorInvalidValue, [&](auto* type) {
-    return launch<std::remove_pointer_t<decltype(type)>>(args, stream);
+  return visit_element_and_grad_types<ElementTypes>(args.type, args.grad_type, cudaErrorInvalidValue,
+                                                    [&](auto* type, auto* grad) {
+    return launch<std::remove_pointer_t<decltype(type)>, std::remove_pointer_t<decltype(grad)>>(args, stream);
   });
 }
 

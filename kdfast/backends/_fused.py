@@ -27,7 +27,7 @@ per-row numbers right.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -50,49 +50,140 @@ def _can_inspect(tensor: torch.Tensor, work: int = 0) -> bool:
     return tensor.device.type == "cpu" or work >= SYNC_WORTH_ELEMENTS
 
 
-class KernelLoss(torch.autograd.Function):
-    """Autograd around a kernel returning (loss_rows, grad, *extras): backward rescales the saved
-    gradient by the incoming per-row gradient (the reduction's chain rule).
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps its graph (``retain_graph=True``), so that saved tensors
+    are needed again; True when it cannot be told (tracing, or the private query is missing)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True
 
-    ``live_rows`` marks the rows whose saved gradient may be non-zero (the kernel writes zeros for
-    the others). When the per-row gradient is exactly 1 on every live row — ``loss.backward()`` on a
-    reduction whose scale was folded into the kernel (see :func:`build_losses`) — the saved
-    gradient is returned as it is: no pass and no second [N, C] tensor. It is never modified in
-    place, so ``retain_graph``, ``torch.autograd.grad`` and gradcheck see correct values.
+
+#: what differentiating a fused kernel's gradient raises (the kernels compute first derivatives only)
+SECOND_DERIVATIVE_ERROR = (
+    "kdfast's fused kernels compute first derivatives only: the gradient of a gradient (backward with "
+    "create_graph=True, then differentiating the result) is not supported; use backend='reference' for "
+    "double backward")
+
+
+def wants_gradient(student: torch.Tensor) -> bool:
+    """Whether a kernel call must produce ∂ℓ/∂student: grad mode on and the student needs it. Under
+    no_grad / inference_mode or for a student without requires_grad, the kernels compute the loss only."""
+    return torch.is_grad_enabled() and student.requires_grad
+
+
+def wide_gradient(student: torch.Tensor) -> bool:
+    """fp16 inputs keep their gradient in fp32 until the upstream factor is applied: a loss scale
+    (torch.amp.GradScaler's 65536 by default) must multiply before the one rounding to fp16, or small
+    entries flush to zero and large ones overflow. bf16 has fp32's exponent range and needs no such care."""
+    return student.dtype == torch.float16
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How a kernel's per-row losses become an op's output: ``reduce(loss_rows)``, and the factor
+    d output / d loss_row, the same for every live row (the kernel wrote zero gradient rows for the
+    others): a Python float when known on the host, else a 0-dim tensor. ``per_row``: the output
+    keeps one value per row, so the upstream gradient is a vector."""
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    factor: object = 1.0
+    per_row: bool = False
+
+
+class KernelLoss(torch.autograd.Function):
+    """Autograd around a kernel returning (loss_rows, grad, *extras) with the gradient computed in the
+    forward: ``apply(student, reduction, kernel, *arguments)`` returns ``(reduction.reduce(loss_rows),
+    *extras)``, and backward scales the saved gradient by upstream·factor.
+
+    * The upstream factor is applied in fp32 before the gradient's one rounding to the input dtype
+      (a 0-dim fp32 factor multiplies half tensors in fp32; fp16 gradients are kept in fp32 until then).
+    * When that factor is exactly 1 — ``loss.backward()`` on a reduction whose scale the kernel folded
+      in (see :func:`build_losses`) — the saved gradient itself is handed out: no pass, no second
+      tensor. It is handed out only when the graph is not kept, since the caller may then modify it
+      (``zero_grad(set_to_none=False)``, in-place clipping); with ``retain_graph=True`` every backward
+      gets a tensor of its own and the saved gradient stays intact.
+    * Second derivatives raise :data:`SECOND_DERIVATIVE_ERROR` when they are asked for.
     """
 
     @staticmethod
-    def forward(ctx, student, live_rows, kernel, *arguments):
-        loss_rows, grad, *extras = kernel(student, *arguments)
-        ctx.save_for_backward(grad, live_rows)
+    def forward(ctx, student, reduction, kernel, *arguments):
+        loss_rows, grad, *extras = kernel(student, *arguments, compute_grad=True, wide_grad=wide_gradient(student))
+        factor = reduction.factor
+        ctx.factor_is_tensor = isinstance(factor, torch.Tensor)
+        ctx.save_for_backward(grad, *((factor,) if ctx.factor_is_tensor else ()))
+        ctx.factor = None if ctx.factor_is_tensor else float(factor)
+        ctx.per_row = reduction.per_row
+        ctx.input_dtype = student.dtype
         ctx.num_arguments = len(arguments)
         ctx.mark_non_differentiable(*extras)
-        return (loss_rows, *extras)
+        return (reduction.reduce(loss_rows), *extras)
 
     @staticmethod
-    def backward(ctx, grad_rows, *unused):
-        grad, live_rows = ctx.saved_tensors
+    def backward(ctx, grad_output, *unused):
+        grad, *saved = ctx.saved_tensors
+        factor = saved[0] if ctx.factor_is_tensor else ctx.factor
         nothing = (None, None) + (None,) * ctx.num_arguments
-        if not torch.is_grad_enabled() and _can_inspect(grad_rows, grad.numel()) \
-                and bool(((grad_rows == 1) | ~live_rows).all()):
-            return (grad,) + nothing
-        return (grad * grad_rows.unsqueeze(-1).to(grad.dtype),) + nothing
+        second_order = torch.is_grad_enabled()  # create_graph=True
+        with torch.no_grad():
+            upstream = grad_output.to(compute_dtype(ctx.input_dtype)) * factor  # fp32, or fp64 for fp64
+            if ctx.per_row:
+                upstream = upstream.unsqueeze(-1)
+            kept = _graph_is_kept() or second_order
+            if not ctx.per_row and grad.dtype == ctx.input_dtype and ctx.factor is not None \
+                    and _can_inspect(grad_output, grad.numel()) and bool(upstream == 1):
+                result = grad.clone() if kept else grad
+            elif grad.dtype == ctx.input_dtype and not ctx.per_row:
+                result = grad * upstream  # 0-dim fp32: computed in fp32, one rounding, input dtype
+            elif not kept and grad.dtype == torch.float32:
+                result = grad.mul_(upstream).to(ctx.input_dtype)  # the saved wide gradient is not needed again
+            else:
+                result = (grad * upstream).to(ctx.input_dtype)
+        if second_order:
+            # a node that raises if the second-order graph is ever differentiated through here
+            # (as torch.autograd.function.once_differentiable does, with kdfast's message)
+            alias = result.detach().requires_grad_(True)
+            result = torch._C._functions.DelayedError(SECOND_DERIVATIVE_ERROR.encode(), 1)(alias)
+        return (result,) + nothing
 
 
-def _folded_scale(reduction: str, valid: torch.Tensor, target: Optional[torch.Tensor], num_classes: int,
-                  mean_kind: str) -> float:
-    """The factor the reduction will multiply every counted row's gradient by, when it is known
-    on the host without a device sync (no target, or a CPU target outside tracing); else 1."""
-    if reduction in ("none", "sum"):
-        return 1.0
+def _run(kernel: Callable, student: torch.Tensor, reduction: Reduction, *arguments):
+    """The kernel through autograd when a gradient is wanted, else its loss only (no gradient pass)."""
+    if wants_gradient(student):
+        return KernelLoss.apply(student, reduction, kernel, *arguments)
+    loss_rows, _, *extras = kernel(student, *arguments, compute_grad=False, wide_grad=False)
+    return (reduction.reduce(loss_rows), *extras)
+
+
+def _counted_rows(valid: torch.Tensor, target: Optional[torch.Tensor]):
+    """The number of rows a reduction counts: an int when known on the host without a device sync
+    (no target, or a CPU target outside tracing), else a 0-dim tensor."""
     if target is None:
-        counted = valid.shape[0]
-    elif _can_inspect(valid):
-        counted = int(valid.sum())
-    else:
+        return valid.shape[0]
+    if _can_inspect(valid):
+        return int(valid.sum())
+    return valid.sum()
+
+
+def _folded_scale(reduction: str, counted, num_classes: int, mean_kind: str) -> float:
+    """The factor the reduction will multiply every counted row's gradient by, when it is known on
+    the host (see _counted_rows); else 1."""
+    if reduction in ("none", "sum") or isinstance(counted, torch.Tensor):
         return 1.0
     divisor = num_classes if (reduction == "mean" and mean_kind == "kl") else 1
     return 1.0 / (max(counted, 1) * divisor)
+
+
+def _row_factor(reduction: str, counted, divisor: int, scale: float):
+    """d reduce_rows(loss_rows/scale) / d loss_row for a counted row: a float when the count is known
+    on the host (1 when the scale was folded into the kernel), else a 0-dim fp32 tensor."""
+    if reduction in ("none", "sum"):
+        return 1.0 / scale
+    per_row = divisor if reduction == "mean" else 1
+    if isinstance(counted, torch.Tensor):
+        return 1.0 / (scale * per_row * counted.clamp_min(1).to(torch.float32))
+    return 1.0 / (scale * per_row * max(counted, 1))
 
 
 def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram: Callable) -> dict:
@@ -104,14 +195,21 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
         target = None if target is None else target.long()
         valid, _ = valid_rows(target, options.get("ignore_index"), student_logits.shape[0], student_logits.device)
         num_classes = student_logits.shape[-1]
+        divisor = num_classes if mean_kind == "kl" else 1
         # The gradient is linear in the three weights: scaling them by the reduction's factor makes
         # the kernel write the final gradient, so a plain loss.backward() needs no pass over it.
-        scale = _folded_scale(reduction, valid, target, num_classes, mean_kind)
+        counted = _counted_rows(valid, target)
+        scale = _folded_scale(reduction, counted, num_classes, mean_kind)
         params = replace(params, kl_weight=params.kl_weight * scale, ce_weight=params.ce_weight * scale,
                          uniform_weight=params.uniform_weight * scale)
-        loss_rows, = KernelLoss.apply(student_logits, valid, row_softmax, teacher, target, params)
-        loss_rows = loss_rows.to(compute_dtype(student_logits.dtype)) / scale
-        return reduce_rows(loss_rows, valid, reduction, num_classes if mean_kind == "kl" else 1)
+        dtype = compute_dtype(student_logits.dtype)
+
+        def reduce(loss_rows):
+            return reduce_rows(loss_rows.to(dtype) / scale, valid, reduction, divisor)
+
+        output, = _run(row_softmax, student_logits, Reduction(reduce, _row_factor(reduction, counted, divisor, scale),
+                                                              reduction == "none"), teacher, target, params)
+        return output
 
     def kd_loss(student_logits, teacher_logits, target=None, **options):
         return row_loss("kd_loss", student_logits, teacher_logits, target, options)
@@ -132,30 +230,39 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
                 eps=1e-8):
         target = target.long()
         valid, _ = valid_rows(target, ignore_index, student_features.shape[0], student_features.device)
+        dtype = compute_dtype(student_features.dtype)
+
+        def reduce(loss_rows):
+            return reduce_rows(loss_rows.to(dtype), valid, reduction)
+
         # the kernel writes loss 0 and a zero gradient row for the ignored rows itself
-        loss_rows, = KernelLoss.apply(student_features, valid, feature_centre, teacher_features.detach(),
-                                      target, centers.detach(), eps, kernel_ignore_index(ignore_index))
-        return reduce_rows(loss_rows.to(compute_dtype(student_features.dtype)), valid, reduction)
+        output, = _run(feature_centre, student_features,
+                       Reduction(reduce, _row_factor(reduction, _counted_rows(valid, target), 1, 1.0),
+                                 reduction == "none"),
+                       teacher_features.detach(), target, centers.detach(), eps, kernel_ignore_index(ignore_index))
+        return output
 
     def nystrom_loss(student_features, teacher_features, student_landmarks, teacher_landmarks, *,
                      kind="smooth_l1", normalize=True, reduction="sum", beta=1.0, eps=1e-12):
         dtype = compute_dtype(student_features.dtype)
-        every_row = torch.ones(student_features.shape[0], dtype=torch.bool, device=student_features.device)
         arguments = (teacher_features.detach(), student_landmarks.detach(), teacher_landmarks.detach())
         if kind == "fro":  # sqrt of the whole sum: the kernel's sums unweighted, the chain rule here
-            loss_rows, teacher_norm = KernelLoss.apply(student_features, every_row, landmark_gram, *arguments,
-                                                       "sq_fro", beta, 1.0, False, eps)
+            rows = Reduction(lambda loss_rows: loss_rows.to(dtype), 1.0, per_row=True)
+            loss_rows, teacher_norm = _run(landmark_gram, student_features, rows, *arguments, "sq_fro", beta, 1.0,
+                                           False, eps)
             scale = 1 / (teacher_norm.to(dtype) + eps) if normalize else 1.0
             # R = 0 takes sqrt(tiny) (a zero gradient, not NaN); a where, not a clamp, so that a NaN
             # sum keeps a NaN gradient
-            total = loss_rows.to(dtype).sum()
+            total = loss_rows.sum()
             return torch.where(total == 0, torch.finfo(dtype).tiny, total).sqrt() * scale
         # the kernel applies the mean's divisor and the normalisation, so loss.backward() needs no pass
         weight = 1 / max(student_features.shape[0] * student_landmarks.shape[0], 1) if reduction == "mean" else 1.0
-        loss_rows, _ = KernelLoss.apply(student_features, every_row, landmark_gram, *arguments, kind, beta,
-                                        weight, normalize, eps)
-        loss_rows = loss_rows.to(dtype)
-        return loss_rows if reduction == "none" else loss_rows.sum()
+        if reduction == "none":
+            rows = Reduction(lambda loss_rows: loss_rows.to(dtype), 1.0, per_row=True)
+        else:
+            rows = Reduction(lambda loss_rows: loss_rows.to(dtype).sum(), 1.0)
+        output, _ = _run(landmark_gram, student_features, rows, *arguments, kind, beta, weight, normalize, eps)
+        return output
 
     return dict(kd_loss=kd_loss, skd_loss=skd_loss, partial_teacher_loss=partial_teacher_loss,
                 label_smoothing_loss=label_smoothing_loss, reweighted_ce_loss=reweighted_ce_loss,

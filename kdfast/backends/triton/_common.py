@@ -91,18 +91,32 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+def gradient_output(like: torch.Tensor, compute_grad: bool, wide_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the op's gradient output, the tensor the kernel writes): ``like``'s shape in its dtype (fp32 for
+    half inputs when ``wide_grad``, so an upstream factor is applied before the one rounding), or,
+    when only the loss is computed, an empty output and a one-element stand-in the kernel never
+    writes (its HAS_GRAD constexpr is False)."""
+    if not compute_grad:
+        return like.new_empty(0), like.new_empty(1)
+    dtype = torch.float32 if wide_grad and like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+    grad = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return grad, grad
+
+
 @triton.jit
-def skip_row(y, ignore_index, num_classes, g_base, loss_ptr, num_columns, FP64: tl.constexpr, BLOCK: tl.constexpr):
+def skip_row(y, ignore_index, num_classes, g_base, loss_ptr, num_columns, FP64: tl.constexpr, BLOCK: tl.constexpr,
+             HAS_GRAD: tl.constexpr):
     """The contract's row action for a label: True (and the row written) when the row is not computed.
     An ignored row gets loss 0 and a zero gradient row; a label outside [0, num_classes) gets a NaN
     row (the wrappers have checked labels already: this only keeps a kernel from reading outside)."""
     skipped = (y == ignore_index) | (y < 0) | (y >= num_classes)
     if skipped:
         fill = tl.where(y == ignore_index, 0.0, float("nan"))
-        lanes = tl.arange(0, BLOCK)
-        for start in range(0, num_columns, BLOCK):
-            cols = start + lanes
-            tl.store(g_base + cols, (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(g_base.dtype.element_ty),
-                     mask=cols < num_columns)
+        if HAS_GRAD:
+            lanes = tl.arange(0, BLOCK)
+            for start in range(0, num_columns, BLOCK):
+                cols = start + lanes
+                tl.store(g_base + cols, (tl.zeros([BLOCK], dtype=tl.float32) + fill).to(g_base.dtype.element_ty),
+                         mask=cols < num_columns)
         tl.store(loss_ptr, acc_zero(FP64) + fill)
     return skipped

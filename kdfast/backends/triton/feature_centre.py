@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .._contract import NO_IGNORE_INDEX
-from ._common import acc_zero, accumulate_dtype, kernel_op, launch, row_block, row_warps, skip_row, upcast
+from ._common import (acc_zero, accumulate_dtype, gradient_output, kernel_op, launch, row_block, row_warps, skip_row,
+                      upcast)
 
 
 @triton.jit
@@ -47,7 +48,8 @@ def feature_centre_terms(u_dot_centre, centre_squares, u_squares, teacher_square
 
 @triton.jit
 def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, num_centres, u_row, u_col, t_row, t_col, y_stride, c_row, c_col,
-               g_row, eps, ignore_index, FP64: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+               g_row, eps, ignore_index, FP64: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+               HAS_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(Y + row * y_stride).to(tl.int64)
     u_base = U + row * u_row
@@ -55,7 +57,7 @@ def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, num_centres, u_row, u_col, t_row, t
     c_base = CEN + y * c_row
     g_base = GRAD + row * g_row
     lanes = tl.arange(0, BLOCK)
-    if skip_row(y, ignore_index, num_centres, g_base, LOSS + row, D, FP64, BLOCK):
+    if skip_row(y, ignore_index, num_centres, g_base, LOSS + row, D, FP64, BLOCK, HAS_GRAD):
         return
 
     uc = acc_zero(FP64)
@@ -85,6 +87,8 @@ def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, num_centres, u_row, u_col, t_row, t
 
     loss, kc, ku = feature_centre_terms(uc, cc, uu, tt, eps)
     tl.store(LOSS + row, loss)
+    if not HAS_GRAD:
+        return
     if SINGLE:
         tl.store(g_base + lanes, (kc * c + ku * u).to(GRAD.dtype.element_ty), mask=mask)
     else:
@@ -100,25 +104,27 @@ def _nd_kernel(U, FT, Y, CEN, LOSS, GRAD, D, num_centres, u_row, u_col, t_row, t
 @kernel_op("kdfast::triton_feature_centre")
 def triton_feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor,
                           centers: torch.Tensor, eps: float, ignore_index: int,
-                          block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          block_size: int, compute_grad: bool = True,
+                          wide_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     rows, dim = u.shape
     loss = torch.empty(rows, dtype=accumulate_dtype(u.dtype), device=u.device)
-    grad = torch.empty((rows, dim), dtype=u.dtype, device=u.device)
+    grad, grad_arg = gradient_output(u, compute_grad, wide_grad)
     if rows == 0:
         return loss, grad
     block, single = row_block(dim, block_size if block_size > 0 else None)
     launch(_nd_kernel, (rows,),
-        u, teacher_features, target, centers, loss, grad, dim, centers.shape[0], u.stride(0), u.stride(1),
+        u, teacher_features, target, centers, loss, grad_arg, dim, centers.shape[0], u.stride(0), u.stride(1),
         teacher_features.stride(0), teacher_features.stride(1), target.stride(0), centers.stride(0),
-        centers.stride(1), grad.stride(0), eps, ignore_index, FP64=u.dtype == torch.float64, SINGLE=single, BLOCK=block,
-        num_warps=row_warps(block))
+        centers.stride(1), grad.stride(0) if compute_grad else 0, eps, ignore_index, FP64=u.dtype == torch.float64,
+        SINGLE=single, BLOCK=block, HAS_GRAD=compute_grad, num_warps=row_warps(block))
     return loss, grad
 
 
 def feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor, centers: torch.Tensor,
-                   eps: float, ignore_index: int = NO_IGNORE_INDEX,
-                   block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float, ignore_index: int = NO_IGNORE_INDEX, block_size: int = 0, *,
+                   compute_grad: bool = True, wide_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract's feature–centre kernel; ``ignore_index`` (default: none ignored) as in the
     module docstring, labels of any integer dtype and stride; ``block_size`` > 0 forces the block."""
     return torch.ops.kdfast.triton_feature_centre(u, teacher_features, target, centers, float(eps),
-                                                  int(ignore_index), int(block_size))
+                                                  int(ignore_index), int(block_size), bool(compute_grad),
+                                                  bool(wide_grad))

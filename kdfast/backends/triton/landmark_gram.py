@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._contract import GRAM_KIND_CODES
-from ._common import INTERPRETED, accumulate_dtype, kernel_op, launch
+from ._common import INTERPRETED, accumulate_dtype, gradient_output, kernel_op, launch
 
 GRAM_SMOOTH_L1: tl.constexpr = tl.constexpr(GRAM_KIND_CODES["smooth_l1"])
 GRAM_SQUARED: tl.constexpr = tl.constexpr(GRAM_KIND_CODES["sq_fro"])
@@ -61,7 +61,7 @@ def _residual_epilogue(r, beta, KIND: tl.constexpr):
 @triton.jit
 def _gram_kernel(FS, CS, ST, SCALE, LOSS, GRAD, GSCRATCH, B, M, DS,
                  fs_row, fs_col, cs_row, cs_col, st_row, g_row, gs_row, beta,
-                 KIND: tl.constexpr, FUSED_GRAD: tl.constexpr, UPCAST: tl.constexpr,
+                 KIND: tl.constexpr, HAS_GRAD: tl.constexpr, FUSED_GRAD: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -89,7 +89,7 @@ def _gram_kernel(FS, CS, ST, SCALE, LOSS, GRAD, GSCRATCH, B, M, DS,
         loss, g = _residual_epilogue(gram - teacher, beta, KIND)
         loss_rows += tl.sum(tl.where(tile_mask, loss, 0.0), axis=1)
         g = tl.where(tile_mask, g * scale, 0.0)
-        if FUSED_GRAD:  # the only landmark tile: ∂ℓ/∂F^s = G·C^s straight from registers
+        if HAS_GRAD and FUSED_GRAD:  # the only landmark tile: ∂ℓ/∂F^s = G·C^s straight from registers
             for d_start in range(0, DS, BLOCK_D):
                 ds = d_start + tl.arange(0, BLOCK_D)
                 d_mask = ds < DS
@@ -98,7 +98,7 @@ def _gram_kernel(FS, CS, ST, SCALE, LOSS, GRAD, GSCRATCH, B, M, DS,
                 out = tl.dot(g, c, input_precision=GRAD_PRECISION)
                 tl.store(GRAD + rows[:, None] * g_row + ds[None, :], out.to(GRAD.dtype.element_ty),
                          mask=row_mask[:, None] & d_mask[None, :])
-        else:
+        elif HAS_GRAD:
             tl.store(GSCRATCH + rows[:, None] * gs_row + lm[None, :], g, mask=tile_mask)
     tl.store(LOSS + rows, loss_rows * scale, mask=row_mask)
 
@@ -140,26 +140,29 @@ def launch_config(dtype: torch.dtype, num_landmarks: int, max_fused_m: int = MAX
 
 @kernel_op("kdfast::triton_landmark_gram")
 def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch.Tensor, scale: torch.Tensor,
-                         kind: str, beta: float, max_fused_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         kind: str, beta: float, max_fused_m: int, compute_grad: bool = True,
+                         wide_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row loss sums [B], ∂/∂F^s [B, d_s]) of the residual F^s·C^sᵀ − teacher_gram, both
     multiplied by the scalar tensor ``scale``; teacher_gram, scale and the loss rows are in the
-    compute dtype (fp64 for fp64 inputs, else fp32)."""
+    compute dtype (fp64 for fp64 inputs, else fp32); the gradient as in ``_common.gradient_output``."""
     rows, dim = fs.shape
     landmarks = cs.shape[0]
     loss = torch.empty(rows, dtype=teacher_gram.dtype, device=fs.device)
-    grad = torch.empty((rows, dim), dtype=fs.dtype, device=fs.device)
+    grad, grad_arg = gradient_output(fs, compute_grad, wide_grad)
     if rows == 0:
         return loss, grad
     if landmarks == 0 or dim == 0:
         return loss.zero_(), grad.zero_()
     meta = launch_config(fs.dtype, landmarks, max_fused_m)
     fused = meta["FUSED_GRAD"]
-    scratch = grad if fused else torch.empty((rows, landmarks), dtype=teacher_gram.dtype, device=fs.device)
+    scratch = grad_arg if fused or not compute_grad else \
+        torch.empty((rows, landmarks), dtype=teacher_gram.dtype, device=fs.device)
     launch(_gram_kernel, (triton.cdiv(rows, BLOCK_B),),
-        fs, cs, teacher_gram, scale, loss, grad, scratch, rows, landmarks, dim,
-        fs.stride(0), fs.stride(1), cs.stride(0), cs.stride(1), teacher_gram.stride(0), grad.stride(0),
-        scratch.stride(0), beta, KIND=GRAM_KIND_CODES[kind], num_warps=gram_warps(meta["BLOCK_M"]), **meta)
-    if not fused:
+        fs, cs, teacher_gram, scale, loss, grad_arg, scratch, rows, landmarks, dim,
+        fs.stride(0), fs.stride(1), cs.stride(0), cs.stride(1), teacher_gram.stride(0),
+        grad.stride(0) if compute_grad else 0, scratch.stride(0) if compute_grad else 0, beta,
+        KIND=GRAM_KIND_CODES[kind], HAS_GRAD=compute_grad, num_warps=gram_warps(meta["BLOCK_M"]), **meta)
+    if compute_grad and not fused:
         launch(_gram_grad_kernel, (triton.cdiv(rows, BLOCK_B), triton.cdiv(dim, BLOCK_D)),
             scratch, cs, grad, rows, landmarks, dim, scratch.stride(0), cs.stride(0), cs.stride(1), grad.stride(0),
             GRAD_PRECISION=meta["GRAD_PRECISION"], BLOCK_B=BLOCK_B, BLOCK_M=meta["BLOCK_M"], BLOCK_D=BLOCK_D,
@@ -169,7 +172,8 @@ def triton_landmark_gram(fs: torch.Tensor, teacher_gram: torch.Tensor, cs: torch
 
 def landmark_gram(fs: torch.Tensor, ft: torch.Tensor, cs: torch.Tensor, ct: torch.Tensor, kind: str, beta: float,
                   weight: float = 1.0, normalize: bool = False, eps: float = 0.0,
-                  max_fused_m: int = MAX_FUSED_M) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  max_fused_m: int = MAX_FUSED_M, *, compute_grad: bool = True,
+                  wide_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The contract's landmark-Gram kernel; ``max_fused_m`` caps the landmarks whose G tile stays
     in registers (tests force the scratch path with a small one). fp64 inputs are computed in fp64."""
     acc = accumulate_dtype(fs.dtype)
@@ -178,5 +182,6 @@ def landmark_gram(fs: torch.Tensor, ft: torch.Tensor, cs: torch.Tensor, ct: torc
     teacher_norm = torch.linalg.vector_norm(teacher_gram)
     scale = weight / (teacher_norm + eps) if normalize else torch.full((), weight, dtype=acc, device=fs.device)
     loss, grad = torch.ops.kdfast.triton_landmark_gram(fs, teacher_gram, cs.detach().to(fs.dtype), scale.to(acc),
-                                                       kind, float(beta), int(max_fused_m))
+                                                       kind, float(beta), int(max_fused_m), bool(compute_grad),
+                                                       bool(wide_grad))
     return loss, grad, teacher_norm

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .._contract import NORMALIZE_CODES, TEACHER_CODES, RowSoftmaxParams
-from ._common import acc_zero, accumulate_dtype, kernel_op, launch, row_block, row_warps, skip_row, upcast
+from ._common import (acc_zero, accumulate_dtype, gradient_output, kernel_op, launch, row_block, row_warps, skip_row,
+                      upcast)
 
 NORM_NONE: tl.constexpr = tl.constexpr(NORMALIZE_CODES["none"])
 NORM_LAYERNORM: tl.constexpr = tl.constexpr(NORMALIZE_CODES["layernorm"])
@@ -215,7 +216,7 @@ def _row_softmax_kernel(
     kappa, eps, inv_t, kl_w, ce_w, u_w, rw_alpha, rw_eps, ignore_index,
     NORM: tl.constexpr, NORM_T: tl.constexpr, TEACHER: tl.constexpr, HAS_CE: tl.constexpr,
     HAS_UNIFORM: tl.constexpr, REWEIGHT: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_TEACHER: tl.constexpr,
-    FP64: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+    FP64: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 row offsets: N·C may exceed 2^31
     s_base = S + row * s_row
@@ -231,7 +232,7 @@ def _row_softmax_kernel(
     y = row * 0
     if HAS_TARGET:
         y = tl.load(Y + row * y_stride).to(tl.int64)
-        if skip_row(y, ignore_index, C, g_base, LOSS + row, C, FP64, BLOCK):
+        if skip_row(y, ignore_index, C, g_base, LOSS + row, C, FP64, BLOCK, HAS_GRAD):
             return
 
     zero = acc_zero(FP64)
@@ -330,13 +331,14 @@ def _row_softmax_kernel(
         g, kl = _block_terms(hs, ht, lanes, mask, y, inv_t, inv_c, shift_s, log_zst, log_zs1, shift_t, log_zt, log_rho,
                              log_other, kl_coef, ce_coef, u_coef, poison, TEACHER, HAS_CE, HAS_UNIFORM)
         sum_hs = tl.sum(tl.where(mask, hs, 0.0), axis=0)
-        dz = g
-        if NORMALISED:
-            zc = zs - mu_s
-            dz = normalisation_backward(g, zc, a_s, c1, c2, tl.sum(g, axis=0), tl.sum(g * zc, axis=0), inv_c)
-        tl.store(g_base + lanes, dz.to(GRAD.dtype.element_ty), mask=mask)
+        if HAS_GRAD:
+            dz = g
+            if NORMALISED:
+                zc = zs - mu_s
+                dz = normalisation_backward(g, zc, a_s, c1, c2, tl.sum(g, axis=0), tl.sum(g * zc, axis=0), inv_c)
+            tl.store(g_base + lanes, dz.to(GRAD.dtype.element_ty), mask=mask)
     else:
-        if NORMALISED:
+        if NORMALISED and HAS_GRAD:
             # the two row sums the normalisation's backward needs
             for start in range(0, C, BLOCK):
                 cols = start + lanes
@@ -363,10 +365,11 @@ def _row_softmax_kernel(
                                        HAS_UNIFORM)
             kl += kl_block
             sum_hs += tl.sum(tl.where(mask, hs, 0.0), axis=0)
-            dz = g
-            if NORMALISED:
-                dz = normalisation_backward(g, zc, a_s, c1, c2, sum_g, sum_gz, inv_c)
-            tl.store(g_base + cols, dz.to(GRAD.dtype.element_ty), mask=mask)
+            if HAS_GRAD:
+                dz = g
+                if NORMALISED:
+                    dz = normalisation_backward(g, zc, a_s, c1, c2, sum_g, sum_gz, inv_c)
+                tl.store(g_base + cols, dz.to(GRAD.dtype.element_ty), mask=mask)
 
     loss = zero + poison
     if HAS_KL:
@@ -408,12 +411,14 @@ def triton_row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], t
                        normalize: str, teacher_mode: str, multiplier: float, eps: float, temperature: float,
                        kl_weight: float, ce_weight: float, uniform_weight: float, reweight: bool,
                        reweight_alpha: float, reweight_eps: float, ignore_index: int,
-                       block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss_rows [N] fp32 (fp64 for fp64 input), grad [N, C] in the input dtype); block_size ≤ 0
-    picks the block by the heuristic of ``_common.row_block``."""
+                       block_size: int, compute_grad: bool = True,
+                       wide_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_rows [N] fp32 (fp64 for fp64 input), grad [N, C] in the input dtype, fp32 for half
+    inputs with ``wide_grad``, empty without ``compute_grad``); block_size ≤ 0 picks the block by the
+    heuristic of ``_common.row_block``."""
     rows, num_classes = student.shape
     loss = torch.empty(rows, dtype=accumulate_dtype(student.dtype), device=student.device)
-    grad = torch.empty((rows, num_classes), dtype=student.dtype, device=student.device)
+    grad, grad_arg = gradient_output(student, compute_grad, wide_grad)
     if rows == 0:
         return loss, grad
     params = RowSoftmaxParams(normalize=normalize, multiplier=multiplier, eps=eps, temperature=temperature,
@@ -426,17 +431,19 @@ def triton_row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], t
     teacher_arg = teacher if teacher is not None else student
     target_arg = target if target is not None else torch.empty(1, dtype=torch.int64, device=student.device)
     launch(_row_softmax_kernel, (rows,),
-        student, teacher_arg, target_arg, loss, grad,
+        student, teacher_arg, target_arg, loss, grad_arg,
         num_classes, float(num_classes), student.stride(0), student.stride(1),
-        teacher_arg.stride(0), teacher_arg.stride(1), target_arg.stride(0), grad.stride(0),
+        teacher_arg.stride(0), teacher_arg.stride(1), target_arg.stride(0), grad.stride(0) if compute_grad else 0,
         multiplier if normalize != "none" else 1.0, eps, 1.0 / temperature, kl_weight, ce_weight, uniform_weight,
         reweight_alpha, reweight_eps, ignore_index,
-        FP64=student.dtype == torch.float64, SINGLE=single, BLOCK=block, num_warps=row_warps(block), **meta)
+        FP64=student.dtype == torch.float64, SINGLE=single, BLOCK=block, HAS_GRAD=compute_grad,
+        num_warps=row_warps(block), **meta)
     return loss, grad
 
 
 def row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], target: Optional[torch.Tensor],
-                params: RowSoftmaxParams, block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                params: RowSoftmaxParams, block_size: int = 0, *, compute_grad: bool = True,
+                wide_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract's row-softmax kernel; ``block_size`` > 0 forces the column block. Labels may be
     of any integer dtype and stride; a row whose label equals ``params.ignore_index`` gets loss 0 and
     a zero gradient row, a label outside [0, C) a NaN loss and a NaN gradient row."""
@@ -444,4 +451,4 @@ def row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], target: 
         student, teacher, target, params.normalize, params.teacher, float(params.multiplier), float(params.eps),
         float(params.temperature), float(params.kl_weight), float(params.ce_weight), float(params.uniform_weight),
         bool(params.reweight), float(params.reweight_alpha), float(params.reweight_eps), int(params.ignore_index),
-        int(block_size))
+        int(block_size), bool(compute_grad), bool(wide_grad))
