@@ -30,7 +30,8 @@ def parse(argv):
                       help="few small shapes, torch.compile at the largest shape of each kernel only (< 3 min on 2 CPU cores)")
     size.add_argument("--targets", action="store_const", dest="sweep", const="targets",
                       help="only the shapes the project's issues set targets at (CPU: 4096x32000 logits, ND 512x2048, "
-                           "KDA 1024x2048 m=100, fused-linear 4096x1024x32000)")
+                           "KDA 1024x2048 m=100, fused-linear 4096x1024x32000; CUDA device: 8192x32000 and "
+                           "8192x128256 logits, fused-linear 8192x4096x128256, ND and KDA as on CPU)")
     size.add_argument("--tiny", action="store_const", dest="sweep", const="tiny",
                       help="toy shapes that only exercise the machinery (the smoke test)")
     parser.add_argument("--scaling", action="store_true",
@@ -49,6 +50,9 @@ def parse(argv):
     parser.add_argument("--min-run-time", type=float, help="seconds of timing per case and mode (at least 3 samples)")
     parser.add_argument("--threads", type=int, help="torch threads for every shape (default: 1 for small shapes, all for large)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    parser.add_argument("--time-limit", type=float,
+                        help="seconds: skip the cases left once the run has taken this long, then write the results "
+                             "as usual (torch.compile cases run last; scripts/gpu-check uses this)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--plan", action="store_true",
                         help="list the cases (and those skipped as too big for memory) without running them")
@@ -67,7 +71,7 @@ def main(argv=None) -> dict:
                     compile=args.compile or ("none" if args.scaling else compile_default),
                     min_run_time=args.min_run_time if args.min_run_time is not None else run_time_default,
                     threads=args.threads, memory=not args.no_memory, single_sample_after=args.single_sample_after,
-                    kernels=tuple(args.kernels) if args.kernels else None)
+                    kernels=tuple(args.kernels) if args.kernels else None, time_limit=args.time_limit)
     if args.plan:
         notes: list = []
         for case in plan(config, notes):

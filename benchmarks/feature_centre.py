@@ -30,6 +30,7 @@ FAMILY = Family(
         "tiny": [(8, 16), (16, 32)],
         "quick": [(256, 512), (2048, 2048)],
         "targets": [(512, 2048)],
+        "targets-gpu": [(512, 2048)],  # --targets on a CUDA device: the same shape
         "default": [(128, 512), (256, 2048), (512, 2048), (1024, 2048), (4096, 2048), (4096, 4096)],
     },
     make_inputs=_make_inputs,

@@ -44,6 +44,8 @@ FAMILY = Family(
         "tiny": [(8, 16, 64)],
         "quick": [(512, 256, 4096)],
         "targets": [(4096, 1024, 32000)],
+        # --targets on a CUDA device (issue 13): a Llama-3-8B-sized head, BT=8192 H=4096 V=128256, bf16
+        "targets-gpu": [(8192, 4096, 128256)],
         "default": [(1024, 256, 8192), (4096, 1024, 32000)],
     },
     make_inputs=_make_inputs,

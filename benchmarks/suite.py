@@ -53,6 +53,9 @@ class Config:
     #: more providers per kernel (e.g. a stand-in fused backend in the smoke test)
     extra_providers: Optional[Callable[[Kernel, torch.device], list[Provider]]] = None
     progress: bool = True
+    #: seconds: once the run has taken this long, the remaining cases are skipped (with a note) and
+    #: the results so far are written; torch.compile cases then run after all others. None: no limit
+    time_limit: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,24 @@ def metadata(config: Config) -> dict:
                 date=datetime.date.today().isoformat())
 
 
+#: seconds a torch.compile case may need (its compile) that a time-limited run keeps in hand
+COMPILE_ALLOWANCE = 45.0
+
+
+def sweep_sizes(family: Family, config: Config) -> list[tuple]:
+    """The family's shapes for the sweep: ``<sweep>-gpu`` on a CUDA device where the family has
+    such a list (``--targets`` on a GPU: the issue-13 GPU target shapes), else ``<sweep>``."""
+    gpu_key = f"{config.sweep}-gpu"
+    if config.device.type == "cuda" and gpu_key in family.sizes:
+        return family.sizes[gpu_key]
+    return family.sizes[config.sweep]
+
+
 def plan(config: Config, notes: list[str]) -> list[Case]:
     cases = []
     for family_name in config.families:
         family = FAMILIES[family_name]
-        shapes = [family.shape(values) for values in family.sizes[config.sweep]]
+        shapes = [family.shape(values) for values in sweep_sizes(family, config)]
         for kernel in family.kernels:
             if config.kernels is not None and kernel.name not in config.kernels:
                 continue
@@ -278,13 +294,26 @@ def run(config: Config) -> Result:
     notes: list[str] = []
     meta = metadata(config)
     cases = plan(config, notes)
+    order = list(range(len(cases)))
+    if config.time_limit is not None:
+        # the compile baselines cost most before their first number: they run last (their rows
+        # keep their place in the results)
+        order.sort(key=lambda index: cases[index].provider.kind == "compile")
     bandwidth = measure_bandwidth(config, [case.threads for case in cases])
-    rows: list[dict] = []
+    case_rows: dict[int, list[dict]] = {}
     learned: dict = {}
-    bar = tqdm(cases, desc="benchmarks", unit="case", disable=not config.progress, dynamic_ncols=True)
-    for case in bar:
+    bar = tqdm(order, desc="benchmarks", unit="case", disable=not config.progress, dynamic_ncols=True)
+    for index in bar:
+        case = cases[index]
         bar.set_postfix_str(f"{case.kernel.name} {case.provider.name} {case.family.describe(case.shape)}")
-        rows += run_case(case, config, meta, bandwidth, learned, notes, config.modes, config.memory)
+        if config.time_limit is not None:
+            left = config.time_limit - (time.perf_counter() - started)
+            if left <= (COMPILE_ALLOWANCE if case.provider.kind == "compile" else 0.0):
+                notes.append(f"{case.kernel.name} {case.provider.name} {case.family.describe(case.shape)}: "
+                             f"skipped, time limit ({config.time_limit:.0f} s, {max(left, 0):.0f} s left)")
+                continue
+        case_rows[index] = run_case(case, config, meta, bandwidth, learned, notes, config.modes, config.memory)
+    rows: list[dict] = [row for index in sorted(case_rows) for row in case_rows[index]]
     fresh = {threads: fresh_copy_bandwidth(config.device, COPY_BYTES[config.sweep], threads, _copy_run_time(config))
              for threads in bandwidth}
     row_meta = dict(meta)  # before fresh_copy is added: rows hold scalars only
