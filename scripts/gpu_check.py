@@ -604,6 +604,7 @@ def print_plan(args, budget: float) -> None:
         f"{python} -m pip install -q --no-index --no-deps --no-compile --target build/gpu-check/site .whl/*.whl "
         "(then on PYTHONPATH)",
         f"3. build  (≤ {STEP_MAX['build']:.0f} s): MAX_JOBS={cpus} (all cores) TORCH_CUDA_ARCH_LIST=<probed, e.g. 9.0> "
+        "KDFAST_CUDA_ARCHS=<e.g. 90> "
         f"{python} setup.py build_ext --inplace",
         "   (kdfast._C; kdfast._C_cuda when torch has CUDA and nvcc is found: /usr/local/cuda/bin is put on PATH if "
         "needed; no nvcc → recorded, Triton only)",
@@ -764,6 +765,8 @@ class Check:
             env.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(nvcc)))
         if self.probe.get("arch_list"):
             env.setdefault("TORCH_CUDA_ARCH_LIST", self.probe["arch_list"])
+            # only this GPU's architecture (honoured once kdfast/_build.py reads it; else ignored)
+            env.setdefault("KDFAST_CUDA_ARCHS", self.probe["arch_list"].replace(".", ""))
         budget = self.clock.allow("build", ("tests", "bench", "finish"))
         if budget < MIN_STEP:
             self.skipped("build", f"only {budget:.0f} s left")
