@@ -1,9 +1,11 @@
 """kdfast: fast, memory-lean knowledge-distillation losses.
 
 Public API: the functional ops (also in :mod:`kdfast.functional`), the nn.Module losses and the
-class-centre accumulator. ``kdfast.reference`` holds the plain-PyTorch specification.
+class-centre accumulator. ``kdfast.reference`` holds the plain-PyTorch specification;
+``python -m kdfast.info`` reports the versions, the kernels' build and the backends per device.
 """
-from ._dispatch import available_backends
+from . import _dispatch
+from ._dispatch import ReferenceFallbackWarning, available_backends
 from ._version import __version__
 from .accumulators import ClassCenters
 from .functional import (kd_loss, l2rkd_loss, l2rkd_mix, label_smoothing_loss, nd_loss, nystrom_loss,
@@ -19,5 +21,9 @@ __all__ = [
     "nystrom_loss", "l2rkd_loss", "l2rkd_mix", "nystrom_reconstruction", "normalize_logits", "fused_linear_kd_loss",
     "fused_linear_skd_loss", "FusedLinearKDLoss", "FusedLinearSKDLoss",
     "KDLoss", "SKDLoss", "PartialTeacherLoss", "LabelSmoothingLoss", "ReweightedCELoss", "NDLoss", "NystromLoss",
-    "L2RKDLoss", "ClassCenters", "available_backends", "__version__",
+    "L2RKDLoss", "ClassCenters", "available_backends", "ReferenceFallbackWarning", "__version__",
 ]
+
+# Import the backends that can serve this machine now, so that a step compiled with torch.compile
+# finds them loaded (no import inside the traced region) even when it is the first kdfast call.
+_dispatch.preload_backends()

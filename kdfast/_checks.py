@@ -78,6 +78,25 @@ def target(name: str, value, *, batch_shape: Sequence[int], ref_name: str, ref: 
         torch._assert_async(valid.all(), message)
 
 
+#: the range of an int64 label, which an ignore_index must lie in to be compared with labels
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def ignore_index(value, name: str = "ignore_index") -> None:
+    """None (no row ignored) or a Python int that an int64 label can equal."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must lie in the int64 range [-2**63, 2**63 - 1] of the labels, got {value}")
+
+
+def optional_positive(name: str, value) -> None:
+    if value is not None:
+        positive(name, value)
+
+
 def choice(name: str, value, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
@@ -102,3 +121,15 @@ def in_unit_interval(name: str, value) -> None:
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     if not (0.0 <= value <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def positive_int(name: str, value, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")

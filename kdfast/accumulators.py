@@ -35,6 +35,7 @@ class ClassCenters(nn.Module):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
+        _checks.ignore_index(ignore_index)
         self.num_classes, self.dim, self.ignore_index = num_classes, dim, ignore_index
         self.process_group = process_group
         # Plain attributes, not buffers: DistributedDataParallel copies rank 0's buffers to every
@@ -45,9 +46,14 @@ class ClassCenters(nn.Module):
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
 
     def _apply(self, fn, recurse=True):
+        """Follow the module's moves (``.to(device)``, ``.cuda()``, ``share_memory()``) but never its
+        dtype casts (``.half()``, ``.to(torch.bfloat16)``): the sums stay fp32, the counts int64. A
+        cast result is discarded and the original sums are moved instead, so no value is rounded."""
         super()._apply(fn, recurse)
-        self.sums = fn(self.sums).to(torch.float32)  # follow the device, keep fp32 sums
-        self.counts = fn(self.counts)
+        moved = fn(self.sums)
+        self.sums = moved if moved.dtype == torch.float32 else self.sums.to(moved.device)
+        moved = fn(self.counts)
+        self.counts = moved if moved.dtype == torch.int64 else self.counts.to(moved.device)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

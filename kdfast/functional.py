@@ -12,6 +12,7 @@ import torch
 
 from . import _checks
 from ._dispatch import resolve
+from .reference.rowsoftmax import default_skd_multiplier
 from .regions import l2rkd_mix  # noqa: F401  (re-exported: part of the functional API)
 
 __all__ = [
@@ -43,12 +44,11 @@ def _check_logit_pair(student_logits, teacher_logits) -> None:
 
 
 def _check_row_target(target, student_logits, ignore_index, *, required: bool) -> Optional[torch.Tensor]:
+    _checks.ignore_index(ignore_index)
     if target is None:
         if required:
             raise ValueError("target is required for this loss (class indices of shape student_logits.shape[:-1])")
         return None
-    if ignore_index is not None and not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     _checks.target("target", target, batch_shape=student_logits.shape[:-1], ref_name="student_logits",
                    ref=student_logits, num_classes=student_logits.shape[-1], ignore_index=ignore_index)
     return target.reshape(-1)
@@ -87,19 +87,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
 
 
 def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
-             *, temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 1.0, eps: float = 1e-7,
-             normalize: str = "layernorm", reduction: str = "batchmean", ignore_index: Optional[int] = -100,
-             backend: str = "auto") -> torch.Tensor:
-    """Spherical KD: KD between h = κ·normalize(z) of both networks; CE (weight 1 − α) on h^s at T = 1.
+             *, temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
+             eps: float = 1e-7, normalize: str = "layernorm", reduction: str = "batchmean",
+             ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
+    """Spherical KD: α·T²·KL(σ_T(h^t) ‖ σ_T(h^s)) + (1 − α)·CE(h^s, y) with h = κ·normalize(z) for
+    both networks (the CE term at T = 1).
 
-    ``normalize``: ``"layernorm"`` (official SKD), ``"l2"`` (uncentred), ``"standardize"``
-    (logit standardisation, unbiased std + eps).
+    Args:
+        normalize: ``"layernorm"`` (official SKD): (z − μ)/√(var + ε), biased var; ``"l2"``
+            (uncentred): z/max(‖z‖, ε); ``"standardize"`` (logit standardisation):
+            (z − μ)/(σ + ε), unbiased σ.
+        multiplier: κ. ``None`` (default) takes each mode's published value: κ = 2 for
+            ``"layernorm"`` and ``"l2"`` (SKD), κ = 1 for ``"standardize"``, whose official code has
+            no multiplier — an explicit κ there equals logit standardisation at temperature T/κ.
     """
     _check_logit_pair(student_logits, teacher_logits)
     _check_distill_options(temperature, alpha, reduction, target)
-    _checks.positive("multiplier", multiplier)
-    _checks.positive("eps", eps)
     _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
+    _checks.optional_positive("multiplier", multiplier)
+    _checks.positive("eps", eps)
+    multiplier = default_skd_multiplier(normalize) if multiplier is None else multiplier
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     return _run_row_loss("skd_loss", backend, student_logits, teacher_logits, flat_target,
                         temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
@@ -168,8 +175,7 @@ def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, targ
         raise ValueError("centers must have at least one class (row)")
     _checks.choice("reduction", reduction, _checks.ND_REDUCTIONS)
     _checks.positive("eps", eps)
-    if ignore_index is not None and not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    _checks.ignore_index(ignore_index)
     _checks.target("target", target, batch_shape=student_features.shape[:1], ref_name="student_features",
                    ref=student_features, num_classes=centers.shape[0], ignore_index=ignore_index)
     op = resolve(backend, "nd_loss", student_features.device)

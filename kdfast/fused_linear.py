@@ -7,9 +7,14 @@ weight and bias are accumulated during the forward. Peak extra memory is a few c
 plus the gradients themselves, instead of several [N, V] tensors.
 
 Rules worth knowing:
-- Vocabulary sizes may differ: the smaller side's logits are padded with zeros up to the larger
-  vocabulary (as Liger-Kernel's distillation losses do). Padded classes take part in the softmax
-  (and in SKD's row statistics) like any logit of value 0.
+- Vocabulary sizes may differ: for the KD term, the smaller side's logits are padded with zeros
+  up to the larger vocabulary V (as Liger-Kernel's distillation losses do); padded classes take
+  part in its softmax (and in SKD's row statistics) like any logit of value 0. The CE term
+  (weight 1 − α) is the student's own: over its V_s classes only, as if there were no teacher
+  (SKD: on its own normalised logits). Per row, with z^s the student's V_s logits, z̄ the
+  zero-padded logits of both sides and h = κ·normalize(·) for SKD (h = z for KD):
+      ℓ = α·T²·KL(σ_T(h(z̄^t)) ‖ σ_T(h(z̄^s))) + (1 − α)·(−log σ(h(z^s))_y),
+  and ``reduction="mean"`` divides the sum of ℓ by rows·V.
 - The weights are used as given. Sharded weights (FSDP, ZeRO-3, DTensor) must be gathered by the
   caller first, e.g. inside ``FullyShardedDataParallel.summon_full_params`` or DeepSpeed's
   ``GatheredParameters``: a shard would silently give a different loss.
@@ -20,6 +25,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -27,8 +33,9 @@ import torch.nn.functional as F
 
 from . import _checks
 from ._dispatch import resolve_kernel
-from .backends._fused import row_softmax_params
+from .backends._fused import RowSoftmaxParams, row_softmax_params
 from .reference import rowsoftmax as reference
+from .reference._common import cross_entropy_rows, nan_where, prepare_rows, reduce_rows
 
 REDUCTIONS = ("sum", "mean", "batchmean")
 
@@ -79,7 +86,22 @@ def _logits(hidden, weight, bias, width):
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    return _pad(logits, width)
+
+
+def _pad(logits, width):
     return logits if logits.shape[-1] == width else F.pad(logits, (0, width - logits.shape[-1]))
+
+
+def split_padded_cross_entropy(params: RowSoftmaxParams, vocab: int, width: int):
+    """(parameters of the kernel call on the padded logits, parameters of a second call computing the
+    CE term on the student's own ``vocab`` classes, or None when the first call is the whole loss:
+    no CE term, or no padding of the student)."""
+    if params.ce_weight == 0 or vocab == width:
+        return params, None
+    own_cross_entropy = RowSoftmaxParams(normalize=params.normalize, multiplier=params.multiplier, eps=params.eps,
+                                         ce_weight=params.ce_weight, ignore_index=params.ignore_index)
+    return replace(params, ce_weight=0.0), own_cross_entropy
 
 
 def _cast(tensor, dtype):
@@ -117,17 +139,23 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
         gemm_weight, gemm_bias = _cast(student_weight, gemm_dtype), _cast(student_bias, gemm_dtype)
         gemm_teacher_weight, gemm_teacher_bias = _cast(teacher_weight, gemm_dtype), _cast(teacher_bias, gemm_dtype)
 
+        padded_params, own_cross_entropy_params = split_padded_cross_entropy(params, vocab, width)
         for start in range(0, rows, chunk_size):
             stop = min(start + chunk_size, rows)
             hidden = student_hidden[start:stop].to(gemm_dtype)
-            student_logits = _logits(hidden, gemm_weight, gemm_bias, width)
+            student_logits = _logits(hidden, gemm_weight, gemm_bias, vocab)
             teacher_logits = _logits(teacher_hidden[start:stop].to(gemm_dtype), gemm_teacher_weight,
                                      gemm_teacher_bias, width)
             chunk_target = None if target is None else target[start:stop]
-            loss_rows, grad_logits = kernel(student_logits, teacher_logits, chunk_target, params)
+            loss_rows, grad_logits = kernel(_pad(student_logits, width), teacher_logits, chunk_target, padded_params)
+            grad_logits = grad_logits[:, :vocab]
+            if own_cross_entropy_params is not None:
+                cross_entropy_rows, cross_entropy_grad = kernel(student_logits, None, chunk_target,
+                                                                own_cross_entropy_params)
+                loss_rows = loss_rows + cross_entropy_rows
+                grad_logits = grad_logits + cross_entropy_grad
             del student_logits, teacher_logits
             total += loss_rows.sum(dtype=loss_dtype)
-            grad_logits = grad_logits[:, :vocab]
             grad_hidden[start:stop] = grad_logits @ gemm_weight
             if want_weight:
                 grad_weight.addmm_(grad_logits.T.to(accum_dtype), hidden.to(accum_dtype))
@@ -176,8 +204,8 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, targe
             if bias.shape[0] != weight.shape[0]:
                 raise ValueError(f"{name} has {bias.shape[0]} entries but the vocabulary has {weight.shape[0]}")
     _checks.choice("reduction", reduction, REDUCTIONS)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _checks.positive_int("chunk_size", chunk_size, optional=True)
+    _checks.ignore_index(ignore_index)
     if target is not None:
         _checks.target("target", target, batch_shape=student_hidden.shape[:-1], ref_name="student_hidden",
                        ref=student_hidden, num_classes=student_weight.shape[0], ignore_index=ignore_index)
@@ -197,10 +225,10 @@ def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, tea
     kernel = resolve_kernel(backend, "row_softmax", hidden.device)
     if kernel is None:  # the reference: materialise the logits, then the reference loss
         width = max(student_weight.shape[0], teacher_weight.shape[0])
-        student_logits = _logits(hidden, student_weight, student_bias, width)
+        student_logits = _logits(hidden, student_weight, student_bias, student_weight.shape[0])
         with torch.no_grad():
             teacher_logits = _logits(teacher, teacher_weight, teacher_bias, width)
-        return getattr(reference, loss_name)(student_logits, teacher_logits, flat_target, **options)
+        return reference_loss(loss_name, student_logits, teacher_logits, flat_target, **options)
 
     params, reduction, _ = row_softmax_params(loss_name, **options)
     if chunk_size is None:
@@ -212,10 +240,35 @@ def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, tea
                                         flat_target, kernel, params, reduction, chunk_size, accum_dtype)
 
 
+def reference_loss(loss_name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   target: Optional[torch.Tensor], **options) -> torch.Tensor:
+    """The fused-linear loss on materialised logits (the specification of the module docstring):
+    the reference ``kd_loss`` / ``skd_loss`` on the zero-padded logits, except that the CE term is
+    over the student's own classes when its vocabulary is the smaller one."""
+    width = teacher_logits.shape[-1] if teacher_logits.shape[-1] > student_logits.shape[-1] \
+        else student_logits.shape[-1]
+    padded_student = _pad(student_logits, width)
+    padded_teacher = _pad(teacher_logits, width)
+    loss_function = getattr(reference, loss_name)
+    alpha = options["alpha"]
+    if alpha == 1 or student_logits.shape[-1] == width:
+        return loss_function(padded_student, padded_teacher, target, **options)
+    per_row = dict(options, reduction="none")
+    distillation_rows = loss_function(padded_student, padded_teacher, target, **dict(per_row, alpha=1.0))
+    rows = prepare_rows(student_logits, None, target, options["ignore_index"])
+    own_logits = rows.student
+    if loss_name == "skd_loss":
+        own_logits = reference.normalize_logits(own_logits, options["normalize"], options["multiplier"],
+                                                options["eps"])
+    cross_entropy = cross_entropy_rows(F.log_softmax(own_logits, dim=-1), rows.target)
+    total_rows = alpha * distillation_rows + (1 - alpha) * nan_where(cross_entropy, rows.has_nan)
+    return reduce_rows(total_rows, rows.valid, options["reduction"], mean_divisor=width)
+
+
 def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                          teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
-                         temperature: float = 4.0, alpha: float = 1.0, ignore_index: int = -100,
+                         temperature: float = 4.0, alpha: float = 1.0, ignore_index: Optional[int] = -100,
                          reduction: str = "batchmean", chunk_size: Optional[int] = None,
                          accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto") -> torch.Tensor:
     """:func:`kdfast.kd_loss` of ``student_hidden @ student_weight.T (+ bias)`` against the teacher's
@@ -236,16 +289,18 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
 def fused_linear_skd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                           teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                           student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
-                          temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 1.0, eps: float = 1e-7,
-                          normalize: str = "layernorm", ignore_index: int = -100, reduction: str = "batchmean",
-                          chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
-                          backend: str = "auto") -> torch.Tensor:
-    """:func:`kdfast.skd_loss` on the output projections, chunked like :func:`fused_linear_kd_loss`."""
+                          temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
+                          eps: float = 1e-7, normalize: str = "layernorm", ignore_index: Optional[int] = -100,
+                          reduction: str = "batchmean", chunk_size: Optional[int] = None,
+                          accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """:func:`kdfast.skd_loss` on the output projections, chunked like :func:`fused_linear_kd_loss`.
+    ``multiplier=None`` is κ = 2 for ``layernorm`` / ``l2`` and κ = 1 for ``standardize``."""
     _checks.positive("temperature", temperature)
     _checks.in_unit_interval("alpha", alpha)
-    _checks.positive("multiplier", multiplier)
-    _checks.positive("eps", eps)
     _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
+    _checks.optional_positive("multiplier", multiplier)
+    _checks.positive("eps", eps)
+    multiplier = reference.default_skd_multiplier(normalize) if multiplier is None else multiplier
     options = dict(temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
                    reduction=reduction, ignore_index=ignore_index)
     return _fused_linear("skd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,

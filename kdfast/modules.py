@@ -10,17 +10,61 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from . import _checks
 from . import functional as KF
 from . import fused_linear
+from ._dispatch import BACKEND_MODULES
 from .accumulators import ClassCenters
 from .regions import l2rkd_mix
 
+BACKEND_NAMES = ("auto", *BACKEND_MODULES)
+
+
+def _check_accum_dtype(name, value):
+    if value is not None and not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype or None, got {type(value).__name__}")
+
+
+#: hyper-parameter → its check (name, value); the choices of reduction and normalize depend on the
+#: loss and are checked from each class's CHOICES
+_HYPER_PARAMETER_CHECKS = {
+    "temperature": _checks.positive,
+    "alpha": _checks.in_unit_interval,
+    "multiplier": _checks.optional_positive,
+    "eps": _checks.positive,
+    "beta": _checks.positive,
+    "smoothing": _checks.in_unit_interval,
+    "ignore_index": lambda name, value: _checks.ignore_index(value, name),
+    "kd_weight": _checks.non_negative,
+    "region_weight": _checks.non_negative,
+    "ce_weight": _checks.non_negative,
+    "mix_alpha": _checks.positive,
+    "lam_min": lambda name, value: value is None or _checks.in_unit_interval(name, value),
+    "chunk_size": lambda name, value: _checks.positive_int(name, value, optional=True),
+    "accum_dtype": _check_accum_dtype,
+    "backend": lambda name, value: _checks.choice(name, value, BACKEND_NAMES),
+}
+
+
+def check_hyper_parameters(choices: dict, **options) -> None:
+    """Check each hyper-parameter where it is given (the constructor), with the ops' rules:
+    ``choices`` maps an option (reduction, normalize, kind) to its allowed values."""
+    for name, value in options.items():
+        if name in choices:
+            _checks.choice(name, value, choices[name])
+        elif name in _HYPER_PARAMETER_CHECKS:
+            _HYPER_PARAMETER_CHECKS[name](name, value)
+
 
 class _HyperParameters(nn.Module):
-    """Stores keyword hyper-parameters and shows them in repr()."""
+    """Stores keyword hyper-parameters, checked once here, and shows them in repr()."""
+
+    #: option → allowed values, for the options whose choices depend on the loss
+    CHOICES: dict = {"reduction": _checks.ROW_REDUCTIONS}
 
     def __init__(self, **options):
         super().__init__()
+        check_hyper_parameters(self.CHOICES, **options)
         self.options = options
 
     def extra_repr(self) -> str:
@@ -40,11 +84,14 @@ class KDLoss(_HyperParameters):
 
 
 class SKDLoss(_HyperParameters):
-    """Spherical KD. ``forward(student_logits, teacher_logits, target=None)``; see :func:`kdfast.skd_loss`."""
+    """Spherical KD. ``forward(student_logits, teacher_logits, target=None)``; see :func:`kdfast.skd_loss`.
+    ``multiplier=None``: κ = 2 for ``layernorm`` / ``l2``, κ = 1 for ``standardize``."""
 
-    def __init__(self, temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 1.0, eps: float = 1e-7,
-                 normalize: str = "layernorm", reduction: str = "batchmean", ignore_index: Optional[int] = -100,
-                 backend: str = "auto"):
+    CHOICES = {"reduction": _checks.ROW_REDUCTIONS, "normalize": _checks.SKD_NORMALIZATIONS}
+
+    def __init__(self, temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
+                 eps: float = 1e-7, normalize: str = "layernorm", reduction: str = "batchmean",
+                 ignore_index: Optional[int] = -100, backend: str = "auto"):
         super().__init__(temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
                          reduction=reduction, ignore_index=ignore_index, backend=backend)
 
@@ -102,6 +149,9 @@ class NDLoss(nn.Module):
         super().__init__()
         if not isinstance(centers, torch.Tensor) or centers.dim() != 2:
             raise ValueError("centers must be a 2-D tensor [num_classes, teacher_dim]")
+        _checks.positive_int("student_dim", student_dim, optional=True)
+        check_hyper_parameters({"reduction": _checks.ND_REDUCTIONS}, reduction=reduction, ignore_index=ignore_index,
+                               eps=eps, backend=backend)
         self.register_buffer("centers", centers.detach().clone())
         teacher_dim = centers.shape[1]
         self.projector = None
@@ -157,14 +207,28 @@ class NystromLoss(nn.Module):
     against the landmarks of the previous epoch and, in training mode, adds the (detached)
     features of both networks to this epoch's class-mean accumulators. Call ``end_epoch()`` after
     each epoch to turn the accumulated means into the next landmarks (all-reduced under DDP;
-    classes with no sample get a zero landmark). Before the first ``end_epoch()`` the landmarks
-    are zero and so is the loss, which matches the released code's warm-up.
+    classes with no sample get a zero landmark).
+
+    Warm-up: before the first ``end_epoch()`` the landmarks are zero, and so are the loss and its
+    gradient. The released KDA code instead leaves its term out for ``warm`` epochs (5 by default)
+    while the centres are accumulated: this module equals it for ``warm = 1`` only. For a longer
+    warm-up, keep calling the module in training mode (so that the centres accumulate) and leave
+    its loss out of the total for the first ``warm`` epochs (counted from 0), as the released code
+    does::
+
+        kda_term = kda(student_features, teacher_features, target)   # also accumulates the class means
+        loss = ce + (alpha * kda_term if epoch >= warm else 0.0)
     """
 
     def __init__(self, num_classes: int, student_dim: int, teacher_dim: int, *, kind: str = "smooth_l1",
                  normalize: bool = True, reduction: str = "sum", beta: float = 1.0, eps: float = 1e-12,
                  ignore_index: Optional[int] = -100, backend: str = "auto", process_group=None):
         super().__init__()
+        _checks.flag("normalize", normalize)
+        check_hyper_parameters({"kind": _checks.NYSTROM_KINDS,
+                                "reduction": ("sum",) if kind == "fro" else _checks.ND_REDUCTIONS},
+                               kind=kind, beta=beta, eps=eps, ignore_index=ignore_index, backend=backend,
+                               reduction=reduction)
         self.student_centers = ClassCenters(num_classes, student_dim, ignore_index=ignore_index,
                                             process_group=process_group)
         self.teacher_centers = ClassCenters(num_classes, teacher_dim, ignore_index=ignore_index,
@@ -204,6 +268,7 @@ class L2RKDLoss(_HyperParameters):
                  ce_weight: float = 1.0, mix_alpha: float = 1.0, lam_min: Optional[float] = None,
                  reduction: str = "batchmean", ignore_index: Optional[int] = -100, backend: str = "auto",
                  generator: Optional[torch.Generator] = None):
+        check_hyper_parameters({}, mix_alpha=mix_alpha, lam_min=lam_min)
         super().__init__(temperature=temperature, kd_weight=kd_weight, region_weight=region_weight,
                          ce_weight=ce_weight, reduction=reduction, ignore_index=ignore_index, backend=backend)
         self.mix_options = dict(alpha=mix_alpha, lam_min=lam_min)
@@ -224,8 +289,9 @@ class FusedLinearKDLoss(_HyperParameters):
     as they are (gathered, if sharded)."""
 
     _function = staticmethod(fused_linear.fused_linear_kd_loss)
+    CHOICES = {"reduction": fused_linear.REDUCTIONS, "normalize": _checks.SKD_NORMALIZATIONS}
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, ignore_index: int = -100,
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, ignore_index: Optional[int] = -100,
                  reduction: str = "batchmean", chunk_size: Optional[int] = None,
                  accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto"):
         super().__init__(temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
@@ -242,10 +308,10 @@ class FusedLinearSKDLoss(FusedLinearKDLoss):
 
     _function = staticmethod(fused_linear.fused_linear_skd_loss)
 
-    def __init__(self, temperature: float = 4.0, multiplier: float = 2.0, alpha: float = 1.0, eps: float = 1e-7,
-                 normalize: str = "layernorm", ignore_index: int = -100, reduction: str = "batchmean",
-                 chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
-                 backend: str = "auto"):
+    def __init__(self, temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
+                 eps: float = 1e-7, normalize: str = "layernorm", ignore_index: Optional[int] = -100,
+                 reduction: str = "batchmean", chunk_size: Optional[int] = None,
+                 accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto"):
         _HyperParameters.__init__(self, temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps,
                                   normalize=normalize, ignore_index=ignore_index, reduction=reduction,
                                   chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)

@@ -80,3 +80,17 @@ def test_two_process_gloo_equals_single_process():
         mp.spawn(_rank_main, args=(2, init_file, result_file), nprocs=2, join=True)
         distributed = torch.load(result_file)
     torch.testing.assert_close(distributed, single.compute(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()])
+def test_sums_stay_fp32_whatever_the_module_dtype(cast):
+    """A dtype cast of the module must not round the sums (fp16 turned a sum of 100,333 into inf)."""
+    centres = kdfast.ClassCenters(2, 3)
+    centres.update(torch.full((1, 3), 100333.0), torch.tensor([0]))
+    centres.update(torch.full((1, 3), 1.0 + 2**-20), torch.tensor([1]))
+    before = centres.sums.clone()
+    cast(centres)
+    assert centres.sums.dtype == torch.float32 and centres.counts.dtype == torch.int64
+    assert torch.equal(centres.sums, before)
+    module = torch.nn.Sequential(kdfast.ClassCenters(2, 3)).half()
+    assert module[0].sums.dtype == torch.float32

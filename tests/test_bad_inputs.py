@@ -199,3 +199,21 @@ def test_half_precision_inputs_return_float32_loss_and_input_dtype_gradient():
         loss = kdfast.skd_loss(s, t, y, alpha=0.5)
         loss.backward()
         assert loss.dtype == torch.float32 and s.grad.dtype == dtype and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("name", ROW_LOSSES)
+def test_ignore_index_out_of_the_label_range_or_not_an_int_names_it(name):
+    s, t, y = row_inputs()
+    with pytest.raises(ValueError, match="ignore_index"):
+        row_call(name, s, t, y, ignore_index=2**70)
+    with pytest.raises(TypeError, match="ignore_index"):
+        row_call(name, s, t, y, ignore_index="x")
+    if name in ("kd_loss", "skd_loss"):  # checked without a target too
+        with pytest.raises(ValueError, match="ignore_index"):
+            row_call(name, s, t, None, ignore_index=-(2**64))
+
+
+def test_nd_ignore_index_out_of_range_names_it():
+    f, y = torch.randn(B, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="ignore_index"):
+        kdfast.nd_loss(f, f, y, torch.randn(2, 3), ignore_index=2**70)

@@ -51,3 +51,70 @@ def test_training_step_has_no_graph_break_and_matches_eager(name):
     torch.testing.assert_close(compiled, eager)
     for got, expected in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, expected)
+
+
+FIRST_CALL_SCRIPT = r'''
+import json, sys
+import torch
+import kdfast
+
+B, D, C = 8, 6, 5
+torch.manual_seed(0)
+model = torch.nn.Linear(D, C)
+centres, landmarks_s, landmarks_t = torch.randn(3, C), torch.randn(4, C), torch.randn(4, C)
+losses = {
+    "kd_loss": lambda z, t, y: kdfast.kd_loss(z, t, y, alpha=0.5),
+    "skd_loss": lambda z, t, y: kdfast.skd_loss(z, t, y, alpha=0.5),
+    "partial_teacher_loss": lambda z, t, y: kdfast.partial_teacher_loss(z, t, y),
+    "label_smoothing_loss": lambda z, t, y: kdfast.label_smoothing_loss(z, y),
+    "reweighted_ce_loss": lambda z, t, y: kdfast.reweighted_ce_loss(z, t, y),
+    "nd_loss": lambda z, t, y: kdfast.nd_loss(z, t, y % 3, centres),
+    "nystrom_loss": lambda z, t, y: kdfast.nystrom_loss(z, t, landmarks_s, landmarks_t),
+    "l2rkd_loss": lambda z, t, y: kdfast.l2rkd_loss(z, t, 0.5 * z, 0.5 * t, y),
+    "fused_linear_kd_loss": lambda z, t, y: kdfast.fused_linear_kd_loss(z, torch.eye(C), t, torch.eye(C), y,
+                                                                        alpha=0.5, chunk_size=3),
+    "fused_linear_skd_loss": lambda z, t, y: kdfast.fused_linear_skd_loss(z, torch.eye(C), t, torch.eye(C), y,
+                                                                          alpha=0.5, chunk_size=3),
+}
+steps = {name: (lambda x, t, y, loss=loss: loss(model(x), t, y)) for name, loss in losses.items()}
+torch._dynamo.config.recompile_limit = 64  # the steps share one code object
+x, t, y = torch.randn(B, D), torch.randn(B, C), torch.randint(0, C, (B,))
+result = {"breaks": {}, "mismatches": {}}
+for name, step in steps.items():  # every loss traced before any eager kdfast call of this process
+    explanation = torch._dynamo.explain(step)(x, t, y)
+    result["breaks"][name] = [str(reason.reason)[:300] for reason in explanation.break_reasons]
+torch._dynamo.reset()
+compiled = {name: torch.compile(step, backend="aot_eager", fullgraph=True)(x, t, y) for name, step in steps.items()}
+for name, step in steps.items():
+    eager = step(x, t, y)
+    grads = torch.autograd.grad(compiled[name], list(model.parameters()))
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    try:
+        torch.testing.assert_close(compiled[name], eager)
+        for got, expected in zip(grads, eager_grads):
+            torch.testing.assert_close(got, expected)
+    except AssertionError as error:
+        result["mismatches"][name] = str(error)[:300]
+print("RESULT" + json.dumps(result))
+'''
+
+
+def test_every_public_loss_compiles_with_fullgraph_as_the_first_call_of_a_process():
+    """A fresh interpreter whose first kdfast calls are traced: no import, registration or lookup
+    that dynamo cannot trace (none happens inside the step), so zero graph breaks, and
+    fullgraph=True compiles and matches eager."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    environment.pop("TRITON_INTERPRET", None)
+    completed = subprocess.run([sys.executable, "-c", FIRST_CALL_SCRIPT], capture_output=True, text=True,
+                               cwd=root, env=environment, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.split("RESULT", 1)[1])
+    assert len(result["breaks"]) == 10
+    assert {name: reasons for name, reasons in result["breaks"].items() if reasons} == {}
+    assert result["mismatches"] == {}

@@ -25,19 +25,40 @@ def problem(rows=10, hidden=6, vocab=13, teacher_vocab=13, teacher_hidden=5, dty
     return cast(student), cast(teacher), target
 
 
+def own_cross_entropy_plus_padded_kd(loss_name, zs, zt, target, options):
+    """α·(the reference KD/SKD term on the zero-padded logits) + (1 − α)·torch's cross entropy over
+    the student's own classes (SKD: of its own normalised logits), reduced as the reference reduces
+    (``mean`` divides by rows·V of the padded vocabulary)."""
+    width = zt.shape[-1]
+    alpha, reduction = options.get("alpha", 1.0), options.get("reduction", "batchmean")
+    kd_rows = getattr(reference, loss_name)(F.pad(zs, (0, width - zs.shape[-1])), zt, target,
+                                            **dict(options, alpha=1.0, reduction="none"))
+    own = zs
+    if loss_name == "skd_loss":
+        multiplier = options.get("multiplier") or (1.0 if options["normalize"] == "standardize" else 2.0)
+        own = reference.normalize_logits(zs, options["normalize"], multiplier, options.get("eps", 1e-7))
+    ce_rows = F.cross_entropy(own, target, ignore_index=-100, reduction="none")
+    rows = alpha * kd_rows + (1 - alpha) * ce_rows
+    counted = (target != -100).sum()
+    return {"sum": rows.sum(), "batchmean": rows.sum() / counted, "mean": rows.sum() / (counted * width)}[reduction]
+
+
 def materialised(loss_name, student, teacher, target, **options):
     """The oracle: full logits in float64 from the same (possibly low-precision) values, zero-padded
-    to the larger vocabulary, then the reference loss."""
+    to the larger vocabulary, then the reference loss — except that the CE term of a student with
+    the smaller vocabulary is over its own classes (:func:`own_cross_entropy_plus_padded_kd`)."""
     leaves = {k: v.detach().double().requires_grad_() for k, v in student.items() if v is not None}
     width = max(student["weight"].shape[0], teacher["weight"].shape[0])
 
     def logits(hidden, weight, bias):
-        z = hidden @ weight.T + (0 if bias is None else bias)
-        return F.pad(z, (0, width - z.shape[-1]))
+        return hidden @ weight.T + (0 if bias is None else bias)
 
     zs = logits(leaves["hidden"], leaves["weight"], leaves.get("bias"))
     zt = logits(*(None if v is None else v.double() for v in (teacher["hidden"], teacher["weight"], teacher["bias"])))
-    loss = getattr(reference, loss_name)(zs, zt, target, **options)
+    zt = F.pad(zt, (0, width - zt.shape[-1]))
+    if zs.shape[-1] < width and options.get("alpha", 1.0) < 1:
+        return own_cross_entropy_plus_padded_kd(loss_name, zs, zt, target, options), leaves
+    loss = getattr(reference, loss_name)(F.pad(zs, (0, width - zs.shape[-1])), zt, target, **options)
     return loss, leaves
 
 
@@ -86,6 +107,31 @@ def test_vocabulary_mismatch_and_odd_shapes(backend, vocab, teacher_vocab):
                                        dtype=torch.float64)
     compare(kdfast.fused_linear_kd_loss, "kd_loss", torch.float64, dict(alpha=0.5 if vocab > 1 else 1.0),
             dict(chunk_size=2, backend=backend), student, teacher, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_name,options", [("kd_loss", {}), ("skd_loss", dict(normalize="layernorm")),
+                                               ("skd_loss", dict(normalize="standardize"))])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_smaller_student_vocabulary_cross_entropy_is_over_its_own_classes(backend, loss_name, options, reduction):
+    """CE(z^s, y) over the student's V_s classes (Liger's convention), not over the zero-padded V
+    of the KD term: the padded zeros would add their exponentials to the CE's normaliser."""
+    student, teacher, target = problem(rows=8, hidden=4, vocab=5, teacher_vocab=9, dtype=torch.float64)
+    function = getattr(kdfast, f"fused_linear_{loss_name}")
+    options = dict(options, temperature=2.0, alpha=0.4, reduction=reduction)
+    ours, our_leaves = fused(function, student, teacher, target, chunk_size=3, backend=backend, **options)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in student.items()}
+    zs = leaves["hidden"] @ leaves["weight"].T + leaves["bias"]
+    zt = teacher["hidden"] @ teacher["weight"].T + teacher["bias"]
+    theirs = own_cross_entropy_plus_padded_kd(loss_name, zs, zt, target, options)
+    torch.testing.assert_close(ours, theirs.detach(), **TOLERANCE[torch.float64])
+    ours.backward()
+    theirs.backward()
+    for name in our_leaves:
+        torch.testing.assert_close(our_leaves[name].grad, leaves[name].grad, **TOLERANCE[torch.float64])
+
+    padded_cross_entropy = getattr(reference, loss_name)(F.pad(zs, (0, 4)), zt, target, **options)
+    assert not torch.allclose(ours, padded_cross_entropy.detach(), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,6 +198,12 @@ def test_errors_name_the_argument():
         kdfast.fused_linear_kd_loss(student["hidden"], student["weight"], teacher["hidden"], teacher["weight"].double())
     with pytest.raises(ValueError, match="target is required"):
         kdfast.fused_linear_kd_loss(*args, alpha=0.5)
+    with pytest.raises(TypeError, match="ignore_index"):
+        kdfast.fused_linear_kd_loss(*args, target, ignore_index="x")
+    with pytest.raises(ValueError, match="ignore_index"):
+        kdfast.fused_linear_skd_loss(*args, target, ignore_index=2**70)
+    with pytest.raises(ValueError, match="multiplier"):
+        kdfast.fused_linear_skd_loss(*args, multiplier=0.0)
 
 
 def test_default_chunk_size_rule():

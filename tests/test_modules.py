@@ -139,3 +139,105 @@ def test_unknown_and_unavailable_backends_are_clear_errors():
         _dispatch.resolve("mps-magic", "kd_loss", torch.device("cpu"))
     with pytest.raises(RuntimeError, match="backend='cuda' is unavailable for kd_loss on cpu tensors"):
         _dispatch.resolve("cuda", "kd_loss", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters are checked in the constructors
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,argument", [
+    (lambda: kdfast.KDLoss(temperature=0), "temperature"),
+    (lambda: kdfast.KDLoss(reduction="avg"), "reduction"),
+    (lambda: kdfast.KDLoss(alpha=1.5), "alpha"),
+    (lambda: kdfast.KDLoss(ignore_index=2**70), "ignore_index"),
+    (lambda: kdfast.KDLoss(ignore_index="x"), "ignore_index"),
+    (lambda: kdfast.KDLoss(backend="gpu"), "backend"),
+    (lambda: kdfast.SKDLoss(normalize="l1"), "normalize"),
+    (lambda: kdfast.SKDLoss(multiplier=0.0), "multiplier"),
+    (lambda: kdfast.SKDLoss(eps=-1.0), "eps"),
+    (lambda: kdfast.PartialTeacherLoss(temperature=-2.0), "temperature"),
+    (lambda: kdfast.LabelSmoothingLoss(smoothing=1.5), "smoothing"),
+    (lambda: kdfast.ReweightedCELoss(eps=0.0), "eps"),
+    (lambda: kdfast.NDLoss(torch.randn(3, 4), reduction="batchmean"), "reduction"),
+    (lambda: kdfast.NDLoss(torch.randn(3, 4), ignore_index=1.5), "ignore_index"),
+    (lambda: kdfast.NystromLoss(3, 4, 4, kind="l1"), "kind"),
+    (lambda: kdfast.NystromLoss(3, 4, 4, beta=0.0), "beta"),
+    (lambda: kdfast.NystromLoss(3, 4, 4, kind="fro", reduction="mean"), "reduction"),
+    (lambda: kdfast.NystromLoss(3, 4, 4, normalize="yes"), "normalize"),
+    (lambda: kdfast.L2RKDLoss(kd_weight=-1.0), "kd_weight"),
+    (lambda: kdfast.L2RKDLoss(mix_alpha=0.0), "mix_alpha"),
+    (lambda: kdfast.FusedLinearKDLoss(reduction="none"), "reduction"),
+    (lambda: kdfast.FusedLinearKDLoss(chunk_size=0), "chunk_size"),
+    (lambda: kdfast.FusedLinearSKDLoss(normalize="l1"), "normalize"),
+    (lambda: kdfast.ClassCenters(3, 4, ignore_index=2**64), "ignore_index"),
+])
+def test_constructors_reject_bad_hyper_parameters_naming_them(make, argument):
+    with pytest.raises((ValueError, TypeError), match=argument):
+        make()
+
+
+def test_skd_standardize_default_is_the_logit_standardisation_loss():
+    """Logit standardisation's official loss has no multiplier: T²·KL(σ(Z(z^t)/T) ‖ σ(Z(z^s)/T))
+    with Z(z) = (z − μ)/(σ + 1e-7), unbiased σ. The default κ of "standardize" reproduces it
+    (functional, module and reference alike); κ = 2 would be that loss at T/2."""
+    s, t = torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    temperature = 3.0
+
+    def standardise(z):
+        return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-7)
+
+    log_p = torch.log_softmax(standardise(s) / temperature, -1)
+    log_q = torch.log_softmax(standardise(t) / temperature, -1)
+    expected = temperature**2 * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    for got in (kdfast.skd_loss(s, t, temperature=temperature, normalize="standardize"),
+                kdfast.SKDLoss(temperature=temperature, normalize="standardize")(s, t),
+                kdfast.reference.skd_loss(s, t, temperature=temperature, normalize="standardize")):
+        torch.testing.assert_close(got, expected)
+    layernorm = kdfast.skd_loss(s, t, temperature=temperature)  # SKD's κ = 2 stays the layernorm default
+    torch.testing.assert_close(layernorm, kdfast.skd_loss(s, t, temperature=temperature, multiplier=2.0))
+
+
+def released_kda_losses(features_s, features_t, labels, epochs, warm, batch):
+    """The released KDA training loop's term per step (no CE): class means of the previous epoch
+    as landmarks (zeros in epoch 0), Σ smooth-L1(S^s − S^t)/‖S^t‖_F, and nothing before epoch warm."""
+    num_classes = int(labels.max()) + 1
+    centres_s = torch.zeros(num_classes, features_s.shape[1], dtype=torch.float64)
+    centres_t = torch.zeros(num_classes, features_t.shape[1], dtype=torch.float64)
+    losses = []
+    for epoch in range(epochs):
+        sums_s, sums_t = torch.zeros_like(centres_s), torch.zeros_like(centres_t)
+        for start in range(0, len(labels), batch):
+            fs, ft, y = features_s[start:start + batch], features_t[start:start + batch], labels[start:start + batch]
+            sums_s.index_add_(0, y, fs)
+            sums_t.index_add_(0, y, ft)
+            if epoch < warm:
+                losses.append(0.0)
+                continue
+            ss, st = fs @ centres_s.T, ft @ centres_t.T
+            losses.append(float(torch.nn.functional.smooth_l1_loss(ss, st, reduction="sum") / st.norm()))
+        counts = torch.bincount(labels, minlength=num_classes).unsqueeze(1).to(torch.float64)
+        centres_s, centres_t = sums_s / counts, sums_t / counts
+    return losses
+
+
+@pytest.mark.parametrize("warm", [1, 3])
+def test_nystrom_warm_up_equals_the_released_code_as_its_docstring_says(warm):
+    """Before the first end_epoch() the loss is zero (the released code with warm = 1); with the
+    docstring's recipe (leave the term out while epoch < warm) it equals the released code for any warm."""
+    torch.manual_seed(0)
+    labels = torch.arange(12) % 3
+    features_s, features_t = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    kda = kdfast.NystromLoss(3, 4, 5).double()
+    terms = []
+    for epoch in range(4):
+        for start in range(0, 12, 4):
+            term = kda(features_s[start:start + 4], features_t[start:start + 4], labels[start:start + 4])
+            if epoch == 0:
+                assert term.item() == 0.0
+            terms.append(term.item())
+        kda.end_epoch()
+    as_module = released_kda_losses(features_s, features_t, labels, epochs=4, warm=1, batch=4)
+    torch.testing.assert_close(torch.tensor(terms), torch.tensor(as_module))
+    gated = [term if step // 3 >= warm else 0.0 for step, term in enumerate(terms)]  # the docstring's recipe
+    released = released_kda_losses(features_s, features_t, labels, epochs=4, warm=warm, batch=4)
+    torch.testing.assert_close(torch.tensor(gated), torch.tensor(released))

@@ -45,6 +45,19 @@ def normalize_logits(logits: torch.Tensor, how: str, multiplier: float, eps: flo
     raise ValueError(f"normalize must be 'layernorm', 'l2' or 'standardize'; got {how!r}")
 
 
+#: SKD's κ when none is given: the value each mode's published code uses (SKD: 2; logit
+#: standardisation has no multiplier, i.e. 1)
+SKD_DEFAULT_MULTIPLIERS = {"layernorm": 2.0, "l2": 2.0, "standardize": 1.0}
+
+
+def default_skd_multiplier(normalize: str) -> float:
+    """κ for ``multiplier=None``: :data:`SKD_DEFAULT_MULTIPLIERS` of the normalisation."""
+    try:
+        return SKD_DEFAULT_MULTIPLIERS[normalize]
+    except KeyError:
+        raise ValueError(f"normalize must be 'layernorm', 'l2' or 'standardize'; got {normalize!r}") from None
+
+
 def _distill(rows: Rows, student: torch.Tensor, teacher: torch.Tensor, *, temperature: float,
              alpha: float, reduction: str) -> torch.Tensor:
     """α·T²·KL(σ_T(teacher) ‖ σ_T(student)) + (1 − α)·CE(student, y), per row, then reduced."""
@@ -66,11 +79,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-             target: Optional[torch.Tensor] = None, *, temperature: float = 4.0, multiplier: float = 2.0,
-             alpha: float = 1.0, eps: float = 1e-7, normalize: str = "layernorm",
-             reduction: str = "batchmean", ignore_index: Optional[int] = -100) -> torch.Tensor:
+             target: Optional[torch.Tensor] = None, *, temperature: float = 4.0,
+             multiplier: Optional[float] = None, alpha: float = 1.0, eps: float = 1e-7,
+             normalize: str = "layernorm", reduction: str = "batchmean",
+             ignore_index: Optional[int] = -100) -> torch.Tensor:
     """Spherical KD (spec §1a): KD between the normalised logits h = κ·normalize(z) of both
-    networks, with the CE term on the normalised student logits at T = 1."""
+    networks, with the CE term on the normalised student logits at T = 1. ``multiplier=None`` is
+    κ = 2 for ``layernorm`` / ``l2`` and κ = 1 for ``standardize`` (:data:`SKD_DEFAULT_MULTIPLIERS`)."""
+    multiplier = default_skd_multiplier(normalize) if multiplier is None else multiplier
     rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
     student = normalize_logits(rows.student, normalize, multiplier, eps)
     teacher = normalize_logits(rows.teacher, normalize, multiplier, eps)
