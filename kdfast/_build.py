@@ -38,9 +38,11 @@ CXX_FLAGS = ["-O3", "-fno-math-errno"]
 #: the Tensor glue calls at::parallel_for, whose OpenMP body ATen compiles inline into *that* TU:
 #: without -fopenmp it silently runs on one thread. No -lgomp of our own: torch's libgomp serves.
 OPENMP_FLAGS = ["-fopenmp"]
-#: CUDA architectures of the CUDA extension: Ampere and Hopper, plus PTX for newer GPUs
-NVCC_FLAGS = ["-O3", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-              "-gencode", "arch=compute_90,code=compute_90"]
+#: CUDA architectures of the CUDA extension: Ampere and Hopper by default (KDFAST_CUDA_ARCHS=90 builds
+#: one, e.g. for a quick check on an H100), plus PTX of the newest for later GPUs
+CUDA_ARCHS = [arch for arch in os.environ.get("KDFAST_CUDA_ARCHS", "80,90").split(",") if arch.strip()]
+NVCC_FLAGS = ["-O3", *[flag for arch in CUDA_ARCHS for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")],
+              "-gencode", f"arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]
 #: what the kernel sources include besides themselves (rebuild when one changes)
 HEADER_SUFFIXES = (".h", ".cuh")
 
@@ -160,7 +162,8 @@ def _compile_into(build_dir: str, csrc: str) -> None:
     from torch.utils.cpp_extension import include_paths, load
 
     os.makedirs(build_dir, exist_ok=True)
-    with open(os.path.join(build_dir, "lock"), "w") as lock:  # one builder per cache entry (e.g. DDP ranks)
+    # one builder per cache entry (e.g. DDP ranks); not named "lock", which torch's own builder uses
+    with open(os.path.join(build_dir, "kdfast-build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(os.path.join(build_dir, "kdfast_C.so")):
             return
