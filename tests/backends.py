@@ -130,9 +130,13 @@ TRITON_STREAMED = dataclasses.replace(
                         landmark_gram=dict(max_fused_m=16)))
 
 
+#: KDFAST_TEST_BACKENDS=triton,cuda runs the suites for those backends only (scripts/gpu-check)
+SELECTED = {name.strip() for name in os.environ.get("KDFAST_TEST_BACKENDS", "").split(",") if name.strip()}
+
+
 def params(backends) -> list:
     return [pytest.param(b, id=b.id, marks=[pytest.mark.skipif(b.skip is not None, reason=b.skip or "")])
-            for b in backends]
+            for b in backends if not SELECTED or b.name in SELECTED]
 
 
 BACKENDS = params(ALL)
