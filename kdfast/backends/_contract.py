@@ -55,6 +55,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..reference.rowsoftmax import default_skd_multiplier
+
 #: ``normalize`` option → kernel code (C++ ``kNormNone``, ``kNormLayerNorm``, ``kNormL2``, ``kNormStandardize``)
 NORMALIZE_CODES = {"none": 0, "layernorm": 1, "l2": 2, "standardize": 3}
 #: teacher distribution of the KL term → kernel code (C++ ``kTeacherNone``, ``kTeacherSoftmax``, ``kTeacherPartial``)
@@ -110,8 +112,11 @@ def row_softmax_params(loss: str, **options) -> tuple[RowSoftmaxParams, str, str
         if loss == "kd_loss":
             params = RowSoftmaxParams(teacher="softmax", **common)
         elif loss == "skd_loss":
+            multiplier = options.get("multiplier")
+            if multiplier is None:  # the reference's default: each normalisation's published κ
+                multiplier = default_skd_multiplier(options["normalize"])
             params = RowSoftmaxParams(teacher="softmax", normalize=options["normalize"],
-                                      multiplier=options["multiplier"], eps=options["eps"], **common)
+                                      multiplier=multiplier, eps=options["eps"], **common)
         else:
             params = RowSoftmaxParams(teacher="partial", **common)
         return params, reduction, "kl"
