@@ -154,3 +154,21 @@ def test_evaluation_computes_the_loss_only(backend, family, mode):
     gradient_bytes = student.numel() * student.element_size()
     big = [event.self_cpu_memory_usage for event in prof.events() if event.self_cpu_memory_usage >= gradient_bytes]
     assert not big, f"an allocation of the gradient's size under {mode}: {big}"
+
+
+@pytest.mark.parametrize("kind", ["fro", "smooth_l1"])
+def test_nystrom_fp16_gradient_is_not_flushed(backend, kind):
+    """kind="fro" in fp16 gave an all-zero gradient (its small per-row upstream factor multiplied an
+    fp16 gradient): now fp16 gradients are kept in fp32 until that factor is applied."""
+    generator = torch.Generator().manual_seed(3)
+    # Gram entries ~1e3, so the fro chain rule's factor 1/(2‖R‖_F·‖S^t‖_F) ~ 1e-11 is below fp16's range
+    fs, ft = ((4 * torch.randn(256, 64, generator=generator)).to(backend.device, torch.float16) for _ in range(2))
+    cs, ct = ((4 * torch.randn(64, 64, generator=generator)).to(backend.device, torch.float16) for _ in range(2))
+    grads = {}
+    for name in ("reference", backend.name):
+        x = fs.clone().requires_grad_()
+        kdfast.nystrom_loss(x, ft, cs, ct, kind=kind, backend=name).backward()
+        grads[name] = x.grad.float()
+    expected = grads["reference"]
+    assert torch.count_nonzero(grads[backend.name]) == torch.count_nonzero(expected) > 0
+    torch.testing.assert_close(grads[backend.name], expected, rtol=5e-3, atol=1e-3 * expected.abs().max().item())

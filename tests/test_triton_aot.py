@@ -50,19 +50,29 @@ def _row_softmax_configs():
                 configs.append((f"row_softmax/{mode}/{dtype}/{'single' if single else 'streamed'}",
                                 _row_signature(dtype), dict(kernel_meta(params, has_teacher, True),
                                                             FP64=False, SINGLE=single, BLOCK=block, s_col=1,
-                                                            t_col=1, y_stride=1), row_warps(block)))
+                                                            t_col=1, y_stride=1, HAS_GRAD=True), row_warps(block)))
     params = RowSoftmaxParams(teacher="softmax", kl_weight=16.0, temperature=4.0)
     for dtype in ("fp16", "fp64"):
         configs.append((f"row_softmax/kd_no_target/{dtype}/single", _row_signature(dtype),
                         dict(kernel_meta(params, True, False), FP64=dtype == "fp64", SINGLE=True, BLOCK=8192,
-                             s_col=1, t_col=1, y_stride=1), row_warps(8192)))
+                             s_col=1, t_col=1, y_stride=1, HAS_GRAD=True), row_warps(8192)))
+    # the loss only (no_grad: no gradient pass), and a bf16 input whose gradient is kept in fp32
+    params = row_softmax_params("skd_loss", temperature=4.0, multiplier=2.0, alpha=0.5, eps=1e-7,
+                                normalize="layernorm", reduction="sum", ignore_index=-100)[0]
+    for single, block in ((True, 1024), (False, STREAM_BLOCK)):
+        configs.append((f"row_softmax/skd_loss_only/bf16/{'single' if single else 'streamed'}", _row_signature("bf16"),
+                        dict(kernel_meta(params, True, True), FP64=False, SINGLE=single, BLOCK=block, s_col=1,
+                             t_col=1, y_stride=1, HAS_GRAD=False), row_warps(block)))
+    configs.append(("row_softmax/skd_wide_grad/fp16/single", dict(_row_signature("fp16"), GRAD="*fp32"),
+                    dict(kernel_meta(params, True, True), FP64=False, SINGLE=True, BLOCK=1024, s_col=1, t_col=1,
+                         y_stride=1, HAS_GRAD=True), row_warps(1024)))
     # a teacher no term reads (alpha = 0: read only for its NaNs), int32 labels with a stride, no ignore_index
     params = row_softmax_params("kd_loss", temperature=2.0, alpha=0.0, reduction="sum", ignore_index=None)[0]
     for single, block in ((True, 1024), (False, STREAM_BLOCK)):
         signature = dict(_row_signature("fp32"), Y="*i32", y_stride="i32")
         configs.append((f"row_softmax/ce_unread_teacher/fp32/{'single' if single else 'streamed'}", signature,
                         dict(kernel_meta(params, True, True), FP64=False, SINGLE=single, BLOCK=block, s_col=1,
-                             t_col=1), row_warps(block)))
+                             t_col=1, HAS_GRAD=True), row_warps(block)))
     return configs
 
 
@@ -74,7 +84,7 @@ def _row_signature(dtype):
     signature.update({name: "fp32" for name in ("kappa", "eps", "inv_t", "kl_w", "ce_w", "u_w", "rw_alpha", "rw_eps")})
     signature["ignore_index"] = "i64"  # NO_IGNORE_INDEX = −2^63 when the public ignore_index is None
     for name in ("NORM", "NORM_T", "TEACHER", "HAS_CE", "HAS_UNIFORM", "REWEIGHT", "HAS_TARGET", "HAS_TEACHER",
-                 "FP64", "SINGLE", "BLOCK"):
+                 "FP64", "SINGLE", "BLOCK", "HAS_GRAD"):
         signature[name] = "constexpr"
     return signature
 
@@ -87,10 +97,12 @@ def _nd_configs():
         signature = dict(U=ptr, FT=ptr, Y="*i64", CEN=ptr, LOSS="*fp64" if dtype == "fp64" else "*fp32", GRAD=ptr,
                          D="i32", num_centres="i32", u_row="i32", u_col="constexpr", t_row="i32", t_col="constexpr",
                          y_stride="constexpr", c_row="i32", c_col="constexpr", g_row="i32", eps="fp32",
-                         ignore_index="i64", FP64="constexpr", SINGLE="constexpr", BLOCK="constexpr")
-        configs.append((f"nd/{dtype}/{'single' if single else 'streamed'}", signature,
-                        dict(u_col=1, t_col=1, y_stride=1, c_col=1, FP64=dtype == "fp64", SINGLE=single,
-                             BLOCK=block), 4))
+                         ignore_index="i64", FP64="constexpr", SINGLE="constexpr", BLOCK="constexpr",
+                         HAS_GRAD="constexpr")
+        for has_grad in (True, False) if dtype == "bf16" else (True,):
+            configs.append((f"nd/{dtype}/{'single' if single else 'streamed'}{'' if has_grad else '/loss_only'}",
+                            signature, dict(u_col=1, t_col=1, y_stride=1, c_col=1, FP64=dtype == "fp64",
+                                            SINGLE=single, BLOCK=block, HAS_GRAD=has_grad), 4))
     return configs
 
 
@@ -111,10 +123,14 @@ def _gram_configs():
         signature = dict(FS=ptr, CS=ptr, ST=acc, SCALE=acc, LOSS=acc, GRAD=ptr, GSCRATCH=acc, B="i32", M="i32",
                          DS="i32", fs_row="i32", fs_col="constexpr", cs_row="i32", cs_col="constexpr", st_row="i32",
                          g_row="i32", gs_row="i32", beta="fp32")
-        signature.update({name: "constexpr" for name in ("KIND", *meta)})
+        signature.update({name: "constexpr" for name in ("KIND", "HAS_GRAD", *meta)})
         label = f"gram/{kind}/{dtype}/m{m}/{'fused' if meta['FUSED_GRAD'] else 'scratch'}"
-        configs.append((label, signature, dict(meta, KIND=GRAM_KIND_CODES[kind], fs_col=1, cs_col=1),
+        configs.append((label, signature, dict(meta, KIND=GRAM_KIND_CODES[kind], HAS_GRAD=True, fs_col=1, cs_col=1),
                         gram_warps(meta["BLOCK_M"])))
+        if dtype == "bf16":
+            configs.append((label + "/loss_only", signature,
+                            dict(meta, KIND=GRAM_KIND_CODES[kind], HAS_GRAD=False, fs_col=1, cs_col=1),
+                            gram_warps(meta["BLOCK_M"])))
         if not meta["FUSED_GRAD"]:
             grad_signature = dict(G=acc, CS=ptr, GRAD=ptr, B="i32", M="i32", DS="i32", g_row="i32", cs_row="i32",
                                   cs_col="constexpr", out_row="i32", GRAD_PRECISION="constexpr", BLOCK_B="constexpr",
