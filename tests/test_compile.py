@@ -10,12 +10,11 @@ import kdfast
 B, D, C = 8, 6, 5
 
 
-def make_step(name):
-    """(model, step(x, teacher_logits or features, y) -> loss) for each public loss."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(D, C)
-    centres, landmarks_s, landmarks_t = torch.randn(3, C), torch.randn(4, C), torch.randn(4, C)
-    losses = {
+def public_losses(num_classes, centres, landmarks_s, landmarks_t):
+    """name → loss(z, t, y) for every public loss, as a training step calls them (the subprocess of
+    the first-call test imports this too)."""
+    eye = torch.eye(num_classes)
+    return {
         "kd_loss": lambda z, t, y: kdfast.kd_loss(z, t, y, alpha=0.5),
         "skd_loss": lambda z, t, y: kdfast.skd_loss(z, t, y, alpha=0.5),
         "partial_teacher_loss": lambda z, t, y: kdfast.partial_teacher_loss(z, t, y),
@@ -24,10 +23,18 @@ def make_step(name):
         "nd_loss": lambda z, t, y: kdfast.nd_loss(z, t, y % 3, centres),
         "nystrom_loss": lambda z, t, y: kdfast.nystrom_loss(z, t, landmarks_s, landmarks_t),
         "l2rkd_loss": lambda z, t, y: kdfast.l2rkd_loss(z, t, 0.5 * z, 0.5 * t, y),
-        "fused_linear_skd_loss": lambda z, t, y: kdfast.fused_linear_skd_loss(z, torch.eye(C), t, torch.eye(C), y,
-                                                                              alpha=0.5, chunk_size=3),
+        "fused_linear_kd_loss": lambda z, t, y: kdfast.fused_linear_kd_loss(z, eye, t, eye, y, alpha=0.5,
+                                                                            chunk_size=3),
+        "fused_linear_skd_loss": lambda z, t, y: kdfast.fused_linear_skd_loss(z, eye, t, eye, y, alpha=0.5,
+                                                                              chunk_size=3),
     }
-    loss = losses[name]
+
+
+def make_step(name):
+    """(model, step(x, teacher_logits or features, y) -> loss) for each public loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, C)
+    loss = public_losses(C, torch.randn(3, C), torch.randn(4, C), torch.randn(4, C))[name]
     return model, lambda x, t, y: loss(model(x), t, y)
 
 
@@ -58,24 +65,12 @@ import json, sys
 import torch
 import kdfast
 
-B, D, C = 8, 6, 5
+sys.path.insert(0, "tests")
+from test_compile import B, C, D, public_losses  # the losses as the in-process tests call them
+
 torch.manual_seed(0)
 model = torch.nn.Linear(D, C)
-centres, landmarks_s, landmarks_t = torch.randn(3, C), torch.randn(4, C), torch.randn(4, C)
-losses = {
-    "kd_loss": lambda z, t, y: kdfast.kd_loss(z, t, y, alpha=0.5),
-    "skd_loss": lambda z, t, y: kdfast.skd_loss(z, t, y, alpha=0.5),
-    "partial_teacher_loss": lambda z, t, y: kdfast.partial_teacher_loss(z, t, y),
-    "label_smoothing_loss": lambda z, t, y: kdfast.label_smoothing_loss(z, y),
-    "reweighted_ce_loss": lambda z, t, y: kdfast.reweighted_ce_loss(z, t, y),
-    "nd_loss": lambda z, t, y: kdfast.nd_loss(z, t, y % 3, centres),
-    "nystrom_loss": lambda z, t, y: kdfast.nystrom_loss(z, t, landmarks_s, landmarks_t),
-    "l2rkd_loss": lambda z, t, y: kdfast.l2rkd_loss(z, t, 0.5 * z, 0.5 * t, y),
-    "fused_linear_kd_loss": lambda z, t, y: kdfast.fused_linear_kd_loss(z, torch.eye(C), t, torch.eye(C), y,
-                                                                        alpha=0.5, chunk_size=3),
-    "fused_linear_skd_loss": lambda z, t, y: kdfast.fused_linear_skd_loss(z, torch.eye(C), t, torch.eye(C), y,
-                                                                          alpha=0.5, chunk_size=3),
-}
+losses = public_losses(C, torch.randn(3, C), torch.randn(4, C), torch.randn(4, C))
 steps = {name: (lambda x, t, y, loss=loss: loss(model(x), t, y)) for name, loss in losses.items()}
 torch._dynamo.config.recompile_limit = 64  # the steps share one code object
 x, t, y = torch.randn(B, D), torch.randn(B, C), torch.randint(0, C, (B,))
