@@ -8,10 +8,10 @@ from . import _dispatch
 from ._dispatch import ReferenceFallbackWarning, available_backends
 from ._version import __version__
 from .accumulators import ClassCenters
-from .functional import (kd_loss, l2rkd_loss, l2rkd_mix, label_smoothing_loss, nd_loss, nystrom_loss,
+from .functional import (divergence_loss, kd_loss, l2rkd_loss, l2rkd_mix, label_smoothing_loss, nd_loss, nystrom_loss,
                          partial_teacher_loss, reweighted_ce_loss, skd_loss)
 from .fused_linear import fused_linear_kd_loss, fused_linear_skd_loss
-from .modules import (FusedLinearKDLoss, FusedLinearSKDLoss, KDLoss, L2RKDLoss, LabelSmoothingLoss, NDLoss,
+from .modules import (DivergenceLoss, FusedLinearKDLoss, FusedLinearSKDLoss, KDLoss, L2RKDLoss, LabelSmoothingLoss, NDLoss,
                       NystromLoss, PartialTeacherLoss, ReweightedCELoss, SKDLoss)
 from .reference.landmark_gram import nystrom_reconstruction
 from .reference.rowsoftmax import normalize_logits
@@ -21,7 +21,7 @@ __all__ = [
     "nystrom_loss", "l2rkd_loss", "l2rkd_mix", "nystrom_reconstruction", "normalize_logits", "fused_linear_kd_loss",
     "fused_linear_skd_loss", "FusedLinearKDLoss", "FusedLinearSKDLoss",
     "KDLoss", "SKDLoss", "PartialTeacherLoss", "LabelSmoothingLoss", "ReweightedCELoss", "NDLoss", "NystromLoss",
-    "L2RKDLoss", "ClassCenters", "available_backends", "ReferenceFallbackWarning", "__version__",
+    "L2RKDLoss", "divergence_loss", "DivergenceLoss", "ClassCenters", "available_backends", "ReferenceFallbackWarning", "__version__",
 ]
 
 # Import the backends that can serve this machine now, so that a step compiled with torch.compile

@@ -16,6 +16,7 @@ ROW_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 ND_REDUCTIONS = ("none", "sum", "mean")
 NYSTROM_KINDS = ("smooth_l1", "fro", "sq_fro")
 SKD_NORMALIZATIONS = ("layernorm", "l2", "standardize")
+DIVERGENCES = ("forward_kl", "reverse_kl", "mixed_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 
 
 def tensor(name: str, value, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
@@ -133,3 +134,27 @@ def positive_int(name: str, value, *, optional: bool = False) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+
+
+def unit_interval_open_above(name: str, value) -> None:
+    """A Python number in [0, 1)."""
+    in_unit_interval(name, value)
+    if value == 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+
+
+def num_items_in_batch(value, reduction: str, name: str = "num_items_in_batch") -> None:
+    """None, a Python number > 0, or a 0-dim real tensor (its value is not read: no host sync);
+    it replaces the "batchmean" divisor, so only that reduction takes it."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a Python number or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must hold a real number, got dtype {value.dtype}")
+    else:
+        positive(name, value)
+    if reduction != "batchmean":
+        raise ValueError(f"{name} replaces the 'batchmean' divisor; it needs reduction='batchmean', "
+                         f"got reduction={reduction!r}")

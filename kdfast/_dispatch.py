@@ -245,6 +245,13 @@ def _report_known_fallbacks() -> None:
             _report_fallback(device_type, reasons)
 
 
+def _lacks_loss(backend: str, loss: str) -> bool:
+    """Whether ``backend`` is loaded but does not implement ``loss`` at all (e.g. a loss only the
+    reference has so far): "auto" then uses the reference without a ReferenceFallbackWarning."""
+    module = _LOADED.get(backend)
+    return module is not None and loss not in module.LOSSES
+
+
 def _auto_candidates(device: torch.device) -> tuple[str, ...]:
     return AUTO_ORDER.get(device.type, ("reference",))
 
@@ -261,6 +268,8 @@ def resolve(backend: str, loss: str, device: torch.device) -> Callable:
                 if name == "reference" and skipped and not torch.compiler.is_compiling():
                     _report_fallback(device.type, skipped)
                 return implementation
+            if _lacks_loss(name, loss):
+                continue  # a fused backend without this loss (yet) is no fallback to report
             skipped[name] = reason
         backend = "reference"
     if backend not in BACKEND_MODULES:

@@ -17,7 +17,7 @@ from .regions import l2rkd_mix  # noqa: F401  (re-exported: part of the function
 
 __all__ = [
     "kd_loss", "skd_loss", "partial_teacher_loss", "label_smoothing_loss", "reweighted_ce_loss",
-    "nd_loss", "nystrom_loss", "l2rkd_loss", "l2rkd_mix",
+    "nd_loss", "nystrom_loss", "l2rkd_loss", "l2rkd_mix", "divergence_loss",
 ]
 
 
@@ -152,6 +152,57 @@ def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return _run_row_loss("reweighted_ce_loss", backend, student_logits, teacher_logits, flat_target,
                         alpha=alpha, temperature=temperature, eps=eps, reduction=reduction,
                         ignore_index=ignore_index)
+
+
+def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    target: Optional[torch.Tensor] = None, *, divergence: str = "forward_kl", beta: float = 0.5,
+                    skew_alpha: float = 0.1, mixed_kl_weight: float = 0.5, temperature: float = 1.0,
+                    t2_scaling: bool = False, alpha: float = 1.0, reduction: str = "batchmean",
+                    num_items_in_batch=None, ignore_index: Optional[int] = -100,
+                    student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                    teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """LLM distillation divergences: α·(T² if t2_scaling)·D(p ‖ q) + (1 − α)·CE(z'^s, y), with
+    p = softmax(z'^s/T), q = softmax(z'^t/T) and z' = c·tanh(s·z/c) (or s·z without a softcap),
+    each model with its own scale s and softcap c.
+
+    Args:
+        divergence: ``"forward_kl"`` KL(q‖p), ``"reverse_kl"`` KL(p‖q), ``"mixed_kl"``
+            (w·forward + (1 − w)·reverse, w = ``mixed_kl_weight``), ``"jsd"`` (generalized JSD(β)
+            as TRL's ``generalized_jsd_loss``: m = β·q + (1 − β)·p, β·KL(q‖m) + (1 − β)·KL(p‖m);
+            β = 0 is the forward KL, β = 1 the reverse KL), ``"tvd"`` ½·Σ|p − q|,
+            ``"skew_forward_kl"`` KL(q ‖ αq + (1 − α)p) and ``"skew_reverse_kl"``
+            KL(p ‖ (1 − α)q + αp) (DistiLLM, α = ``skew_alpha``).
+        t2_scaling: multiply the divergence by T² (Hinton); ``kd_loss`` equals
+            ``divergence="forward_kl", t2_scaling=True``. The default follows TRL and Liger.
+        alpha: weight of the divergence; ``alpha < 1`` adds (1 − α)·CE on the transformed student
+            logits at T = 1 and needs ``target``.
+        num_items_in_batch: replaces the ``batchmean`` divisor (Hugging Face's gradient-accumulation
+            count): a Python number or a 0-dim tensor.
+    """
+    _check_logit_pair(student_logits, teacher_logits)
+    _check_distill_options(temperature, alpha, reduction, target)
+    _checks.choice("divergence", divergence, _checks.DIVERGENCES)
+    _checks.in_unit_interval("beta", beta)
+    _checks.unit_interval_open_above("skew_alpha", skew_alpha)
+    _checks.in_unit_interval("mixed_kl_weight", mixed_kl_weight)
+    _checks.flag("t2_scaling", t2_scaling)
+    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    _checks.positive("student_logit_scale", student_logit_scale)
+    _checks.positive("teacher_logit_scale", teacher_logit_scale)
+    _checks.optional_positive("student_softcap", student_softcap)
+    _checks.optional_positive("teacher_softcap", teacher_softcap)
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device != student_logits.device \
+            and num_items_in_batch.device.type != "cpu":
+        raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device} but student_logits is on "
+                         f"{student_logits.device}; they must be on the same device")
+    flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
+    return _run_row_loss("divergence_loss", backend, student_logits, teacher_logits, flat_target,
+                        divergence=divergence, beta=beta, skew_alpha=skew_alpha, mixed_kl_weight=mixed_kl_weight,
+                        temperature=temperature, t2_scaling=t2_scaling, alpha=alpha, reduction=reduction,
+                        num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                        student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                        teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
 
 
 def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor,

@@ -46,14 +46,17 @@ _HYPER_PARAMETER_CHECKS = {
 }
 
 
-def check_hyper_parameters(choices: dict, **options) -> None:
+def check_hyper_parameters(choices: dict, checks: Optional[dict] = None, **options) -> None:
     """Check each hyper-parameter where it is given (the constructor), with the ops' rules:
-    ``choices`` maps an option (reduction, normalize, kind) to its allowed values."""
+    ``choices`` maps an option (reduction, normalize, kind) to its allowed values; ``checks``
+    overrides :data:`_HYPER_PARAMETER_CHECKS` for a loss whose option means something else
+    (``beta`` of DivergenceLoss is a weight in [0, 1], NystromLoss's is a positive threshold)."""
+    checks = {**_HYPER_PARAMETER_CHECKS, **(checks or {})}
     for name, value in options.items():
         if name in choices:
             _checks.choice(name, value, choices[name])
-        elif name in _HYPER_PARAMETER_CHECKS:
-            _HYPER_PARAMETER_CHECKS[name](name, value)
+        elif name in checks:
+            checks[name](name, value)
 
 
 class _HyperParameters(nn.Module):
@@ -61,10 +64,12 @@ class _HyperParameters(nn.Module):
 
     #: option → allowed values, for the options whose choices depend on the loss
     CHOICES: dict = {"reduction": _checks.ROW_REDUCTIONS}
+    #: option → its check, where it differs from :data:`_HYPER_PARAMETER_CHECKS`
+    CHECKS: dict = {}
 
     def __init__(self, **options):
         super().__init__()
-        check_hyper_parameters(self.CHOICES, **options)
+        check_hyper_parameters(self.CHOICES, self.CHECKS, **options)
         self.options = options
 
     def extra_repr(self) -> str:
@@ -132,6 +137,41 @@ class ReweightedCELoss(_HyperParameters):
 
     def forward(self, student_logits, teacher_logits, target):
         return KF.reweighted_ce_loss(student_logits, teacher_logits, target, **self.options)
+
+
+class DivergenceLoss(_HyperParameters):
+    """LLM distillation divergences (forward / reverse / mixed KL, generalized JSD(β), TVD, skew
+    KL). ``forward(student_logits, teacher_logits, target=None, num_items_in_batch=None)``; see
+    :func:`kdfast.divergence_loss`. ``num_items_in_batch`` changes every optimizer step, so it is
+    an argument of ``forward``, not of the constructor."""
+
+    CHOICES = {"reduction": _checks.ROW_REDUCTIONS, "divergence": _checks.DIVERGENCES}
+    CHECKS = {
+        "beta": _checks.in_unit_interval,
+        "skew_alpha": _checks.unit_interval_open_above,
+        "mixed_kl_weight": _checks.in_unit_interval,
+        "t2_scaling": _checks.flag,
+        "student_logit_scale": _checks.positive,
+        "teacher_logit_scale": _checks.positive,
+        "student_softcap": _checks.optional_positive,
+        "teacher_softcap": _checks.optional_positive,
+    }
+
+    def __init__(self, divergence: str = "forward_kl", beta: float = 0.5, skew_alpha: float = 0.1,
+                 mixed_kl_weight: float = 0.5, temperature: float = 1.0, t2_scaling: bool = False,
+                 alpha: float = 1.0, reduction: str = "batchmean", ignore_index: Optional[int] = -100,
+                 student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                 teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
+                 backend: str = "auto"):
+        super().__init__(divergence=divergence, beta=beta, skew_alpha=skew_alpha, mixed_kl_weight=mixed_kl_weight,
+                         temperature=temperature, t2_scaling=t2_scaling, alpha=alpha, reduction=reduction,
+                         ignore_index=ignore_index, student_logit_scale=student_logit_scale,
+                         student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
+                         teacher_softcap=teacher_softcap, backend=backend)
+
+    def forward(self, student_logits, teacher_logits, target=None, num_items_in_batch=None):
+        return KF.divergence_loss(student_logits, teacher_logits, target, num_items_in_batch=num_items_in_batch,
+                                  **self.options)
 
 
 class NDLoss(nn.Module):

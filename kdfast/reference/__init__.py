@@ -3,6 +3,7 @@
 These functions take checked 2-D tensors; the public, checked entry points are in
 :mod:`kdfast.functional`. Tests and benchmarks use exactly these functions as the baseline.
 """
+from .divergence import divergence_loss
 from .feature_centre import nd_loss, unit_centers
 from .landmark_gram import nystrom_loss, nystrom_reconstruction
 from .rowsoftmax import (kd_loss, label_smoothing_loss, normalize_logits, partial_teacher_log_target,
@@ -17,4 +18,9 @@ LOSSES = {
     "reweighted_ce_loss": reweighted_ce_loss,
     "nd_loss": nd_loss,
     "nystrom_loss": nystrom_loss,
+    "divergence_loss": divergence_loss,
 }
+
+#: losses only the reference implements so far (the fused backends come later): "auto" runs them
+#: with the reference without reporting a fallback
+REFERENCE_ONLY = frozenset({"divergence_loss"})
