@@ -16,6 +16,10 @@ ENUMS = {
                                               "standardize": "kNormStandardize"}),
     "TeacherMode": (_contract.TEACHER_CODES, {"none": "kTeacherNone", "softmax": "kTeacherSoftmax",
                                               "partial": "kTeacherPartial"}),
+    "Divergence": (_contract.DIVERGENCE_CODES, {"forward_kl": "kDivForwardKL", "reverse_kl": "kDivReverseKL",
+                                                "mixed_kl": "kDivMixedKL", "jsd": "kDivJSD", "tvd": "kDivTVD",
+                                                "skew_forward_kl": "kDivSkewForwardKL",
+                                                "skew_reverse_kl": "kDivSkewReverseKL"}),
     "GramKind": (_contract.GRAM_KIND_CODES, {"smooth_l1": "kGramSmoothL1", "sq_fro": "kGramSquared"}),
 }
 
@@ -40,8 +44,8 @@ def test_no_second_copy_of_a_code_table():
         if path.name in ("_contract.py", "contract.h") or "_csrc" in path.parts:
             continue
         text = path.read_text(errors="replace")
-        if re.search(r"""["']layernorm["']\s*:\s*1|["']smooth_l1["']\s*:\s*0|["']partial["']\s*:\s*2""", text):
+        if re.search(r"""["']layernorm["']\s*:\s*1|["']smooth_l1["']\s*:\s*0|["']partial["']\s*:\s*2|["']jsd["']\s*:\s*3""", text):
             offenders.append(str(path.relative_to(ROOT)))
-        if re.search(r"enum \w+ : int(64_t)? \{ *k(Norm|Teacher|Gram)", text):
+        if re.search(r"enum \w+ : int(64_t)? \{\s*k(Norm|Teacher|Gram|Div)", text):
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders

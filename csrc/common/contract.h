@@ -26,6 +26,16 @@ enum class ElementType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat
 enum Normalize : int { kNormNone = 0, kNormLayerNorm = 1, kNormL2 = 2, kNormStandardize = 3 };
 //: row_softmax's `teacher_mode`: how the target distribution q of the KL term is built
 enum TeacherMode : int { kTeacherNone = 0, kTeacherSoftmax = 1, kTeacherPartial = 2 };
+//: row_softmax's `divergence`: the form of the KL term of a softmax teacher (row_math.h, divergence_entry)
+enum Divergence : int {
+  kDivForwardKL = 0,
+  kDivReverseKL = 1,
+  kDivMixedKL = 2,
+  kDivJSD = 3,
+  kDivTVD = 4,
+  kDivSkewForwardKL = 5,
+  kDivSkewReverseKL = 6
+};
 //: landmark_gram's `kind`: the elementwise loss of the Gram residual
 enum GramKind : int { kGramSmoothL1 = 0, kGramSquared = 1 };
 
@@ -51,6 +61,8 @@ struct RowSoftmaxArgs {
   double reweight_alpha = 0.0;
   double reweight_eps = 1e-6;
   int64_t ignore_index = -100;
+  int divergence = kDivForwardKL;   // the KL term's form (soft teacher only)
+  double divergence_param = 0.0;    // its weight w / β / α, strictly inside (0, 1) where the form has one
 };
 
 struct FeatureCentreArgs {

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from ..reference._common import compute_dtype, reduce_rows, valid_rows
+from ..reference.divergence import transform_logits
 from ._contract import RowSoftmaxParams, kernel_ignore_index, row_softmax_params
 
 __all__ = ["RowSoftmaxParams", "row_softmax_params", "KernelLoss", "build_losses"]
@@ -186,6 +187,40 @@ def _row_factor(reduction: str, counted, divisor: int, scale: float):
     return 1.0 / (scale * per_row * max(counted, 1))
 
 
+def _scaled(params: RowSoftmaxParams, scale: float) -> RowSoftmaxParams:
+    """``params`` with its three term weights multiplied by ``scale``."""
+    if scale == 1.0:
+        return params
+    return replace(params, kl_weight=params.kl_weight * scale, ce_weight=params.ce_weight * scale,
+                   uniform_weight=params.uniform_weight * scale)
+
+
+def _sum_over_items(row_softmax: Callable, student: torch.Tensor, teacher, target, params: RowSoftmaxParams,
+                    valid: torch.Tensor, num_items):
+    """Σ of the counted rows' losses / ``num_items_in_batch`` (Hugging Face's gradient-accumulation
+    divisor). A Python number (or a CPU tensor, read for free) is folded into the kernel's weights,
+    so the kernel writes the final gradient; a tensor on an accelerator stays there (no host sync)
+    and backward applies it as one 0-dim factor."""
+    dtype = compute_dtype(student.dtype)
+    if isinstance(num_items, torch.Tensor) and not _can_inspect(num_items):
+        inverse = 1.0 / num_items.to(device=student.device, dtype=torch.float32)
+        scale, factor = 1.0, inverse
+    else:
+        scale = 1.0 / float(num_items)
+        factor = 1.0
+    params = _scaled(params, scale)
+
+    def reduce(loss_rows):
+        rows = torch.where(valid, loss_rows.to(dtype), torch.zeros((), dtype=dtype, device=loss_rows.device))
+        total = rows.sum()
+        # the folded rows already carry 1/num_items
+        return total * factor.to(dtype) if isinstance(factor, torch.Tensor) else total
+
+    output, = _run(row_softmax, student, Reduction(reduce, factor if isinstance(factor, torch.Tensor) else 1.0),
+                   teacher, target, params)
+    return output
+
+
 def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram: Callable) -> dict:
     """The public losses (reference signatures) on top of a backend's three kernels."""
 
@@ -196,12 +231,14 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
         valid, _ = valid_rows(target, options.get("ignore_index"), student_logits.shape[0], student_logits.device)
         num_classes = student_logits.shape[-1]
         divisor = num_classes if mean_kind == "kl" else 1
+        num_items = options.get("num_items_in_batch")
+        if num_items is not None and reduction == "batchmean":
+            return _sum_over_items(row_softmax, student_logits, teacher, target, params, valid, num_items)
         # The gradient is linear in the three weights: scaling them by the reduction's factor makes
         # the kernel write the final gradient, so a plain loss.backward() needs no pass over it.
         counted = _counted_rows(valid, target)
         scale = _folded_scale(reduction, counted, num_classes, mean_kind)
-        params = replace(params, kl_weight=params.kl_weight * scale, ce_weight=params.ce_weight * scale,
-                         uniform_weight=params.uniform_weight * scale)
+        params = _scaled(params, scale)
         dtype = compute_dtype(student_logits.dtype)
 
         def reduce(loss_rows):
@@ -210,6 +247,13 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
         output, = _run(row_softmax, student_logits, Reduction(reduce, _row_factor(reduction, counted, divisor, scale),
                                                               reduction == "none"), teacher, target, params)
         return output
+
+    def divergence_loss(student_logits, teacher_logits, target=None, **options):
+        # the per-model logit transforms (scale, softcap) before the kernel; autograd chains them
+        student = transform_logits(student_logits, options["student_logit_scale"], options["student_softcap"])
+        teacher = transform_logits(teacher_logits.detach(), options["teacher_logit_scale"],
+                                   options["teacher_softcap"])
+        return row_loss("divergence_loss", student, teacher, target, options)
 
     def kd_loss(student_logits, teacher_logits, target=None, **options):
         return row_loss("kd_loss", student_logits, teacher_logits, target, options)
@@ -264,6 +308,6 @@ def build_losses(row_softmax: Callable, feature_centre: Callable, landmark_gram:
         output, _ = _run(landmark_gram, student_features, rows, *arguments, kind, beta, weight, normalize, eps)
         return output
 
-    return dict(kd_loss=kd_loss, skd_loss=skd_loss, partial_teacher_loss=partial_teacher_loss,
+    return dict(kd_loss=kd_loss, skd_loss=skd_loss, divergence_loss=divergence_loss, partial_teacher_loss=partial_teacher_loss,
                 label_smoothing_loss=label_smoothing_loss, reweighted_ce_loss=reweighted_ce_loss,
                 nd_loss=nd_loss, nystrom_loss=nystrom_loss)

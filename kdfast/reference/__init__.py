@@ -23,4 +23,4 @@ LOSSES = {
 
 #: losses only the reference implements so far (the fused backends come later): "auto" runs them
 #: with the reference without reporting a fallback
-REFERENCE_ONLY = frozenset({"divergence_loss"})
+REFERENCE_ONLY = frozenset()
