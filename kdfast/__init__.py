@@ -10,8 +10,8 @@ from ._version import __version__
 from .accumulators import ClassCenters
 from .functional import (divergence_loss, kd_loss, l2rkd_loss, l2rkd_mix, label_smoothing_loss, nd_loss, nystrom_loss,
                          partial_teacher_loss, reweighted_ce_loss, skd_loss)
-from .fused_linear import fused_linear_kd_loss, fused_linear_skd_loss
-from .modules import (DivergenceLoss, FusedLinearKDLoss, FusedLinearSKDLoss, KDLoss, L2RKDLoss, LabelSmoothingLoss, NDLoss,
+from .fused_linear import fused_linear_divergence_loss, fused_linear_kd_loss, fused_linear_skd_loss
+from .modules import (DivergenceLoss, FusedLinearDivergenceLoss, FusedLinearKDLoss, FusedLinearSKDLoss, KDLoss, L2RKDLoss, LabelSmoothingLoss, NDLoss,
                       NystromLoss, PartialTeacherLoss, ReweightedCELoss, SKDLoss)
 from .reference.landmark_gram import nystrom_reconstruction
 from .reference.rowsoftmax import normalize_logits
@@ -19,7 +19,8 @@ from .reference.rowsoftmax import normalize_logits
 __all__ = [
     "kd_loss", "skd_loss", "partial_teacher_loss", "label_smoothing_loss", "reweighted_ce_loss", "nd_loss",
     "nystrom_loss", "l2rkd_loss", "l2rkd_mix", "nystrom_reconstruction", "normalize_logits", "fused_linear_kd_loss",
-    "fused_linear_skd_loss", "FusedLinearKDLoss", "FusedLinearSKDLoss",
+    "fused_linear_skd_loss", "FusedLinearKDLoss", "FusedLinearSKDLoss", "fused_linear_divergence_loss",
+    "FusedLinearDivergenceLoss",
     "KDLoss", "SKDLoss", "PartialTeacherLoss", "LabelSmoothingLoss", "ReweightedCELoss", "NDLoss", "NystromLoss",
     "L2RKDLoss", "divergence_loss", "DivergenceLoss", "ClassCenters", "available_backends", "ReferenceFallbackWarning", "__version__",
 ]

@@ -25,7 +25,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -36,6 +36,7 @@ from ._dispatch import resolve_kernel
 from .backends._fused import RowSoftmaxParams, row_softmax_params
 from .reference import rowsoftmax as reference
 from .reference._common import cross_entropy_rows, nan_where, prepare_rows, reduce_rows
+from .reference.divergence import divergence_loss, transform_logits
 
 REDUCTIONS = ("sum", "mean", "batchmean")
 
@@ -108,20 +109,56 @@ def _cast(tensor, dtype):
     return None if tensor is None else tensor.to(dtype)
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """One model's logit transform before the temperature: z' = c·tanh(s·z/c) with a softcap c,
+    else z' = s·z. A −inf logit (a masked entry) stays −inf."""
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply_(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """Transform ``logits`` in place; returns dz'/dz (None when it is the constant ``scale``)."""
+        if self.softcap is None:
+            if self.scale != 1.0:
+                logits.mul_(self.scale)
+            return None
+        masked = logits == -math.inf
+        capped = logits.mul_(self.scale / self.softcap).tanh_()           # t = tanh(s·z/c)
+        derivative = torch.square(capped).neg_().add_(1).mul_(self.scale)  # s·(1 − t²)
+        capped.mul_(self.softcap).masked_fill_(masked, -math.inf)
+        return derivative
+
+    def chain_(self, grad: torch.Tensor, derivative: Optional[torch.Tensor]) -> torch.Tensor:
+        """∂ℓ/∂z from ∂ℓ/∂z' in place."""
+        if derivative is not None:
+            return grad.mul_(derivative)
+        return grad.mul_(self.scale) if self.scale != 1.0 else grad
+
+
 class _FusedLinearRowSoftmax(torch.autograd.Function):
     """Forward computes the loss and all student gradients chunk by chunk; backward rescales them."""
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                target, kernel, params, reduction, chunk_size, accum_dtype):
+                target, kernel, params, reduction, chunk_size, accum_dtype, transforms=(None, None),
+                num_items_in_batch=None):
         rows, vocab = student_hidden.shape[0], student_weight.shape[0]
         width = max(vocab, teacher_weight.shape[0])
         want_weight, want_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        student_transform, teacher_transform = (t or LogitTransform() for t in transforms)
 
         counted = rows if target is None else (target != params.ignore_index).sum()
         divisor = {"sum": 1, "batchmean": 1, "mean": width}[reduction]
         loss_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-        if reduction == "sum":
+        if num_items_in_batch is not None and reduction == "batchmean":
+            # Hugging Face's gradient-accumulation divisor replaces the count (read on the device)
+            items = torch.as_tensor(num_items_in_batch, device=student_hidden.device)
+            scale = 1.0 / items.to(loss_dtype)
+        elif reduction == "sum":
             scale = torch.ones((), dtype=loss_dtype, device=student_hidden.device)
         elif isinstance(counted, int):
             scale = torch.full((), 1.0 / (max(counted, 1) * divisor), dtype=loss_dtype, device=student_hidden.device)
@@ -144,8 +181,10 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
             stop = min(start + chunk_size, rows)
             hidden = student_hidden[start:stop].to(gemm_dtype)
             student_logits = _logits(hidden, gemm_weight, gemm_bias, vocab)
+            derivative = student_transform.apply_(student_logits)
             teacher_logits = _logits(teacher_hidden[start:stop].to(gemm_dtype), gemm_teacher_weight,
                                      gemm_teacher_bias, width)
+            teacher_transform.apply_(teacher_logits)
             chunk_target = None if target is None else target[start:stop]
             loss_rows, grad_logits = kernel(_pad(student_logits, width), teacher_logits, chunk_target, padded_params)
             grad_logits = grad_logits[:, :vocab]
@@ -154,7 +193,9 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
                                                                 own_cross_entropy_params)
                 loss_rows = loss_rows + cross_entropy_rows
                 grad_logits = grad_logits + cross_entropy_grad
-            del student_logits, teacher_logits
+            if not student_transform.identity:
+                grad_logits = student_transform.chain_(grad_logits.contiguous(), derivative)
+            del student_logits, teacher_logits, derivative
             total += loss_rows.sum(dtype=loss_dtype)
             grad_hidden[start:stop] = grad_logits @ gemm_weight
             if want_weight:
@@ -175,7 +216,7 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
         factor = grad_output.to(scale.dtype) * scale
         grads = [(g * factor.to(g.dtype)).to(dtype) if present else None
                  for g, present, dtype in zip(saved, ctx.present, ctx.dtypes)]
-        return (*grads,) + (None,) * 9
+        return (*grads,) + (None,) * 11
 
 
 def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
@@ -212,7 +253,7 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, targe
 
 
 def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
-                  teacher_bias, chunk_size, accum_dtype, backend, options):
+                  teacher_bias, chunk_size, accum_dtype, backend, options, transforms=(None, None)):
     _check(student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
            options["reduction"], chunk_size, options["ignore_index"])
     if options["alpha"] < 1 and target is None:
@@ -237,7 +278,8 @@ def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, tea
     accum_dtype = student_weight.dtype if accum_dtype is None else torch.promote_types(accum_dtype,
                                                                                        student_weight.dtype)
     return _FusedLinearRowSoftmax.apply(hidden, student_weight, student_bias, teacher, teacher_weight, teacher_bias,
-                                        flat_target, kernel, params, reduction, chunk_size, accum_dtype)
+                                        flat_target, kernel, params, reduction, chunk_size, accum_dtype, transforms,
+                                        options.get("num_items_in_batch"))
 
 
 def reference_loss(loss_name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -249,7 +291,7 @@ def reference_loss(loss_name: str, student_logits: torch.Tensor, teacher_logits:
         else student_logits.shape[-1]
     padded_student = _pad(student_logits, width)
     padded_teacher = _pad(teacher_logits, width)
-    loss_function = getattr(reference, loss_name)
+    loss_function = divergence_loss if loss_name == "divergence_loss" else getattr(reference, loss_name)
     alpha = options["alpha"]
     if alpha == 1 or student_logits.shape[-1] == width:
         return loss_function(padded_student, padded_teacher, target, **options)
@@ -260,8 +302,14 @@ def reference_loss(loss_name: str, student_logits: torch.Tensor, teacher_logits:
     if loss_name == "skd_loss":
         own_logits = reference.normalize_logits(own_logits, options["normalize"], options["multiplier"],
                                                 options["eps"])
+    if loss_name == "divergence_loss":
+        own_logits = transform_logits(own_logits, options["student_logit_scale"], options["student_softcap"])
     cross_entropy = cross_entropy_rows(F.log_softmax(own_logits, dim=-1), rows.target)
     total_rows = alpha * distillation_rows + (1 - alpha) * nan_where(cross_entropy, rows.has_nan)
+    num_items = options.get("num_items_in_batch")
+    if num_items is not None and options["reduction"] == "batchmean":
+        total = torch.where(rows.valid, total_rows, torch.zeros_like(total_rows)).sum()
+        return total / (num_items.to(total.dtype) if isinstance(num_items, torch.Tensor) else num_items)
     return reduce_rows(total_rows, rows.valid, options["reduction"], mean_divisor=width)
 
 
@@ -305,3 +353,75 @@ def fused_linear_skd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                    reduction=reduction, ignore_index=ignore_index)
     return _fused_linear("skd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                          student_bias, teacher_bias, chunk_size, accum_dtype, backend, options)
+
+
+def fused_linear_divergence_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                 teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                                 target: Optional[torch.Tensor] = None, *,
+                                 student_bias: Optional[torch.Tensor] = None,
+                                 teacher_bias: Optional[torch.Tensor] = None, divergence: str = "forward_kl",
+                                 beta: float = 0.5, skew_alpha: float = 0.1, mixed_kl_weight: float = 0.5,
+                                 temperature: float = 1.0, t2_scaling: bool = False, alpha: float = 1.0,
+                                 reduction: str = "batchmean", num_items_in_batch=None,
+                                 ignore_index: Optional[int] = -100, student_logit_scale: float = 1.0,
+                                 student_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
+                                 teacher_softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                                 accum_dtype: Optional[torch.dtype] = torch.float32,
+                                 backend: str = "auto") -> torch.Tensor:
+    """:func:`kdfast.divergence_loss` of the two models' output projections, never materialising
+    the [N, V] logits: per row, with z'^s = transform(student_hidden @ student_weight.T (+ bias)),
+    z'^t likewise for the teacher, p = softmax(z'^s/T), q = softmax(z'^t/T),
+
+        ℓ = α·(T² if t2_scaling)·D(p, q) + (1 − α)·CE(z'^s, y),
+
+    D one of the forms of :func:`kdfast.divergence_loss` (forward / reverse / mixed KL, generalized
+    JSD(β) as TRL defines it, TVD, skew KL, skew reverse KL) and transform(z) = c·tanh(s·z/c) with a
+    softcap c (Gemma), else s·z (a logit scale, Cohere), per model, applied before T; its chain
+    rule is applied to each chunk's logit gradient.
+
+    Args:
+        student_hidden, teacher_hidden: final hidden states ``[..., H_s]`` and ``[..., H_t]``
+            (one row per token; the teacher's are detached).
+        student_weight, teacher_weight: the LM heads ``[V_s, H_s]`` and ``[V_t, H_t]``; different
+            vocabulary sizes are zero-padded up to the larger one (see the module docstring).
+        target: labels ``[...]`` for the CE term (``alpha < 1``) and for ``ignore_index`` rows.
+        reduction: ``"batchmean"`` (sum over the counted rows / their number, or /
+            ``num_items_in_batch`` when given: a Python number or a 0-dim tensor read on the
+            device), ``"sum"``, ``"mean"`` (also / V).
+        chunk_size: rows per chunk (default :func:`default_chunk_size`).
+        accum_dtype: dtype of the weight and bias gradient accumulators (fp32 by default).
+        backend: ``"reference"`` materialises the logits (the specification); ``"auto"`` a fused
+            backend's row kernel on each chunk.
+
+    Shape:
+        Output: a scalar.
+
+    Examples::
+
+        >>> h_s, h_t = torch.randn(8, 16, requires_grad=True), torch.randn(8, 32)
+        >>> w_s, w_t = torch.randn(100, 16, requires_grad=True), torch.randn(100, 32)
+        >>> loss = kdfast.fused_linear_divergence_loss(h_s, w_s, h_t, w_t, divergence="jsd", beta=0.5)
+        >>> loss.backward()
+    """
+    _checks.positive("temperature", temperature)
+    _checks.in_unit_interval("alpha", alpha)
+    _checks.choice("divergence", divergence, _checks.DIVERGENCES)
+    _checks.in_unit_interval("beta", beta)
+    _checks.unit_interval_open_above("skew_alpha", skew_alpha)
+    _checks.in_unit_interval("mixed_kl_weight", mixed_kl_weight)
+    _checks.flag("t2_scaling", t2_scaling)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    _checks.positive("student_logit_scale", student_logit_scale)
+    _checks.positive("teacher_logit_scale", teacher_logit_scale)
+    _checks.optional_positive("student_softcap", student_softcap)
+    _checks.optional_positive("teacher_softcap", teacher_softcap)
+    options = dict(divergence=divergence, beta=beta, skew_alpha=skew_alpha, mixed_kl_weight=mixed_kl_weight,
+                   temperature=temperature, t2_scaling=t2_scaling, alpha=alpha, reduction=reduction,
+                   num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                   student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                   teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
+    transforms = (LogitTransform(student_logit_scale, student_softcap),
+                  LogitTransform(teacher_logit_scale, teacher_softcap))
+    return _fused_linear("divergence_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options, transforms)

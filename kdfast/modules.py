@@ -355,3 +355,34 @@ class FusedLinearSKDLoss(FusedLinearKDLoss):
         _HyperParameters.__init__(self, temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps,
                                   normalize=normalize, ignore_index=ignore_index, reduction=reduction,
                                   chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
+
+
+class FusedLinearDivergenceLoss(FusedLinearKDLoss):
+    """LLM divergences on output projections without materialising the logits (see
+    :func:`kdfast.fused_linear_divergence_loss`). ``forward(student_hidden, student_weight,
+    teacher_hidden, teacher_weight, target=None, student_bias=None, teacher_bias=None,
+    num_items_in_batch=None)``."""
+
+    _function = staticmethod(fused_linear.fused_linear_divergence_loss)
+    CHOICES = {"reduction": fused_linear.REDUCTIONS, "divergence": _checks.DIVERGENCES}
+    CHECKS = DivergenceLoss.CHECKS
+
+    def __init__(self, divergence: str = "forward_kl", beta: float = 0.5, skew_alpha: float = 0.1,
+                 mixed_kl_weight: float = 0.5, temperature: float = 1.0, t2_scaling: bool = False,
+                 alpha: float = 1.0, reduction: str = "batchmean", ignore_index: Optional[int] = -100,
+                 student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                 teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
+                 chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
+                 backend: str = "auto"):
+        _HyperParameters.__init__(self, divergence=divergence, beta=beta, skew_alpha=skew_alpha,
+                                  mixed_kl_weight=mixed_kl_weight, temperature=temperature, t2_scaling=t2_scaling,
+                                  alpha=alpha, reduction=reduction, ignore_index=ignore_index,
+                                  student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                                  teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
+                                  chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None,
+                student_bias=None, teacher_bias=None, num_items_in_batch=None):
+        return self._function(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                              student_bias=student_bias, teacher_bias=teacher_bias,
+                              num_items_in_batch=num_items_in_batch, **self.options)

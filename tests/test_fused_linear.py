@@ -100,6 +100,55 @@ def test_fused_linear_skd(backend, dtype, normalize):
             dict(chunk_size=3, backend=backend), student, teacher, target)
 
 
+DIVERGENCE_FORMS = [dict(divergence="forward_kl"), dict(divergence="reverse_kl"),
+                    dict(divergence="mixed_kl", mixed_kl_weight=0.3), dict(divergence="jsd", beta=0.5),
+                    dict(divergence="tvd"), dict(divergence="skew_forward_kl", skew_alpha=0.2),
+                    dict(divergence="skew_reverse_kl", skew_alpha=0.2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", DIVERGENCE_FORMS, ids=lambda form: form["divergence"])
+def test_fused_linear_divergence(backend, dtype, form):
+    student, teacher, target = problem(dtype=dtype)
+    compare(kdfast.fused_linear_divergence_loss, "divergence_loss", dtype,
+            dict(temperature=2.0, alpha=0.6, **form), dict(chunk_size=4, backend=backend), student, teacher, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [
+    dict(student_softcap=2.0, teacher_softcap=5.0),
+    dict(student_logit_scale=0.5, teacher_logit_scale=2.0, t2_scaling=True, temperature=3.0),
+    dict(student_logit_scale=1.5, student_softcap=3.0, alpha=0.5, reduction="mean"),
+    dict(num_items_in_batch=23, alpha=0.5),
+    dict(num_items_in_batch=torch.tensor(5.0), divergence="jsd"),
+], ids=["softcap", "scale-t2", "both-ce-mean", "num-items", "num-items-tensor"])
+def test_fused_linear_divergence_transforms_and_num_items(backend, options):
+    student, teacher, target = problem(rows=9, vocab=11, teacher_vocab=11, dtype=torch.float64)
+    student["hidden"] = student["hidden"] * 3  # logits of a few units, so the softcaps bend them
+    compare(kdfast.fused_linear_divergence_loss, "divergence_loss", torch.float64, options,
+            dict(chunk_size=4, backend=backend), student, teacher, target)
+
+
+def test_fused_linear_kd_is_forward_kl_with_t2():
+    student, teacher, target = problem(dtype=torch.float64)
+    args = (student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target)
+    kd = kdfast.fused_linear_kd_loss(*args, temperature=3.0, alpha=0.4, chunk_size=4)
+    div = kdfast.fused_linear_divergence_loss(*args, temperature=3.0, alpha=0.4, t2_scaling=True, chunk_size=4)
+    torch.testing.assert_close(kd, div, rtol=1e-12, atol=1e-12)
+
+
+def test_divergence_module_equals_function():
+    student, teacher, target = problem(dtype=torch.float64)
+    args = (student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target)
+    module = kdfast.FusedLinearDivergenceLoss(divergence="jsd", beta=0.3, temperature=2.0, chunk_size=3)
+    torch.testing.assert_close(module(*args, num_items_in_batch=4),
+                               kdfast.fused_linear_divergence_loss(*args, divergence="jsd", beta=0.3, temperature=2.0,
+                                                                   chunk_size=3, num_items_in_batch=4))
+    with pytest.raises(ValueError, match="divergence"):
+        kdfast.FusedLinearDivergenceLoss(divergence="kl")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab,teacher_vocab", [(13, 17), (17, 13), (1, 1)])
 def test_vocabulary_mismatch_and_odd_shapes(backend, vocab, teacher_vocab):
