@@ -17,7 +17,7 @@ from .regions import l2rkd_mix  # noqa: F401  (re-exported: part of the function
 
 __all__ = [
     "kd_loss", "skd_loss", "partial_teacher_loss", "label_smoothing_loss", "reweighted_ce_loss",
-    "nd_loss", "nystrom_loss", "l2rkd_loss", "l2rkd_mix", "divergence_loss",
+    "nd_loss", "nystrom_loss", "l2rkd_loss", "l2rkd_mix", "divergence_loss", "topk_divergence_loss",
 ]
 
 
@@ -54,6 +54,14 @@ def _check_row_target(target, student_logits, ignore_index, *, required: bool) -
     return target.reshape(-1)
 
 
+def _check_num_items(num_items_in_batch, reduction: str, student_logits: torch.Tensor) -> None:
+    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device != student_logits.device \
+            and num_items_in_batch.device.type != "cpu":
+        raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device} but the logits are on "
+                         f"{student_logits.device}; they must be on the same device")
+
+
 def _check_distill_options(temperature, alpha, reduction, target) -> None:
     _checks.positive("temperature", temperature)
     _checks.in_unit_interval("alpha", alpha)
@@ -73,7 +81,7 @@ def _run_row_loss(loss_name: str, backend: str, student_logits: torch.Tensor, te
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
             *, temperature: float = 4.0, alpha: float = 1.0, reduction: str = "batchmean",
-            ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
+            ignore_index: Optional[int] = -100, num_items_in_batch=None, backend: str = "auto") -> torch.Tensor:
     """Hinton KD: α·T²·KL(σ_T(z^t) ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y).
 
     ``target`` is needed only when ``alpha < 1`` or to mask rows with ``ignore_index``.
@@ -81,15 +89,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     """
     _check_logit_pair(student_logits, teacher_logits)
     _check_distill_options(temperature, alpha, reduction, target)
+    _check_num_items(num_items_in_batch, reduction, student_logits)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     return _run_row_loss("kd_loss", backend, student_logits, teacher_logits, flat_target,
-                        temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
+                        temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
+                        num_items_in_batch=num_items_in_batch)
 
 
 def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
              *, temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
              eps: float = 1e-7, normalize: str = "layernorm", reduction: str = "batchmean",
-             ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
+             ignore_index: Optional[int] = -100, num_items_in_batch=None, backend: str = "auto") -> torch.Tensor:
     """Spherical KD: α·T²·KL(σ_T(h^t) ‖ σ_T(h^s)) + (1 − α)·CE(h^s, y) with h = κ·normalize(z) for
     both networks (the CE term at T = 1).
 
@@ -107,40 +117,46 @@ def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     _checks.optional_positive("multiplier", multiplier)
     _checks.positive("eps", eps)
     multiplier = default_skd_multiplier(normalize) if multiplier is None else multiplier
+    _check_num_items(num_items_in_batch, reduction, student_logits)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     return _run_row_loss("skd_loss", backend, student_logits, teacher_logits, flat_target,
                         temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
-                        reduction=reduction, ignore_index=ignore_index)
+                        reduction=reduction, ignore_index=ignore_index,
+                        num_items_in_batch=num_items_in_batch)
 
 
 def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
                          temperature: float = 1.0, alpha: float = 0.5, reduction: str = "batchmean",
-                         ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
+                         ignore_index: Optional[int] = -100, num_items_in_batch=None, backend: str = "auto") -> torch.Tensor:
     """KD-pt (Tang et al.): KD against the partial teacher q^pt, which keeps only the teacher's
     true-class probability ρ and spreads 1 − ρ evenly over the other classes."""
     _check_logit_pair(student_logits, teacher_logits)
     _check_distill_options(temperature, alpha, reduction, target)
+    _check_num_items(num_items_in_batch, reduction, student_logits)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     return _run_row_loss("partial_teacher_loss", backend, student_logits, teacher_logits, flat_target,
-                        temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
+                        temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
+                        num_items_in_batch=num_items_in_batch)
 
 
 def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0.1,
                          reduction: str = "mean", ignore_index: Optional[int] = -100,
-                         backend: str = "auto") -> torch.Tensor:
+                         num_items_in_batch=None, backend: str = "auto") -> torch.Tensor:
     """CE against (1 − ε)·e_y + ε/C (equals torch's cross_entropy with label_smoothing=ε).
     ``mean`` and ``batchmean`` both average over the counted rows, as torch's CE does."""
     _check_logits("student_logits", student_logits)
     _checks.in_unit_interval("smoothing", smoothing)
     _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
+    _check_num_items(num_items_in_batch, reduction, student_logits)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     return _run_row_loss("label_smoothing_loss", backend, student_logits, None, flat_target,
-                        smoothing=smoothing, reduction=reduction, ignore_index=ignore_index)
+                        smoothing=smoothing, reduction=reduction, ignore_index=ignore_index,
+                        num_items_in_batch=num_items_in_batch)
 
 
 def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
                        alpha: float = 0.5, temperature: float = 1.0, eps: float = 1e-6, reduction: str = "mean",
-                       ignore_index: Optional[int] = -100, backend: str = "auto") -> torch.Tensor:
+                       ignore_index: Optional[int] = -100, num_items_in_batch=None, backend: str = "auto") -> torch.Tensor:
     """Instance re-weighted CE (Tang et al.): w_i·CE_i with the detached weight
     w_i = 1 − α(1 − ρ_i)/max(1 − p_{y,i}, eps), ρ_i the teacher's true-class probability at T."""
     _check_logit_pair(student_logits, teacher_logits)
@@ -148,10 +164,12 @@ def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     _checks.positive("temperature", temperature)
     _checks.positive("eps", eps)
     _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
+    _check_num_items(num_items_in_batch, reduction, student_logits)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     return _run_row_loss("reweighted_ce_loss", backend, student_logits, teacher_logits, flat_target,
                         alpha=alpha, temperature=temperature, eps=eps, reduction=reduction,
-                        ignore_index=ignore_index)
+                        ignore_index=ignore_index,
+                        num_items_in_batch=num_items_in_batch)
 
 
 def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -187,15 +205,11 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     _checks.unit_interval_open_above("skew_alpha", skew_alpha)
     _checks.in_unit_interval("mixed_kl_weight", mixed_kl_weight)
     _checks.flag("t2_scaling", t2_scaling)
-    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    _check_num_items(num_items_in_batch, reduction, student_logits)
     _checks.positive("student_logit_scale", student_logit_scale)
     _checks.positive("teacher_logit_scale", teacher_logit_scale)
     _checks.optional_positive("student_softcap", student_softcap)
     _checks.optional_positive("teacher_softcap", teacher_softcap)
-    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device != student_logits.device \
-            and num_items_in_batch.device.type != "cpu":
-        raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device} but student_logits is on "
-                         f"{student_logits.device}; they must be on the same device")
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     return _run_row_loss("divergence_loss", backend, student_logits, teacher_logits, flat_target,
                         divergence=divergence, beta=beta, skew_alpha=skew_alpha, mixed_kl_weight=mixed_kl_weight,
@@ -203,6 +217,126 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                         num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                         teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
+
+
+def _check_topk_options(*, divergence, beta, mixed_kl_weight, tail, temperature, teacher_temperature, t2_scaling,
+                        alpha, reverse_kl_floor, reduction, num_items_in_batch, student_logit_scale, student_softcap,
+                        target, device) -> None:
+    """The option checks of the top-k losses (the plain and the fused-linear one)."""
+    from .reference.topk import check_tail_options
+    _check_distill_options(temperature, alpha, reduction, target)
+    _checks.choice("divergence", divergence, _checks.TOPK_DIVERGENCES)
+    _checks.choice("tail", tail, _checks.TOPK_TAILS)
+    _checks.in_unit_interval("beta", beta)
+    _checks.in_unit_interval("mixed_kl_weight", mixed_kl_weight)
+    _checks.optional_positive("teacher_temperature", teacher_temperature)
+    _checks.flag("t2_scaling", t2_scaling)
+    _checks.optional_finite("reverse_kl_floor", reverse_kl_floor)
+    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    _checks.positive("student_logit_scale", student_logit_scale)
+    _checks.optional_positive("student_softcap", student_softcap)
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device != device \
+            and num_items_in_batch.device.type != "cpu":
+        raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device} but the student is on "
+                         f"{device}; they must be on the same device")
+    check_tail_options(divergence, tail, beta, mixed_kl_weight, temperature, teacher_temperature, reverse_kl_floor)
+
+
+def _check_backend_name(backend) -> None:
+    _checks.choice("backend", backend, ("auto", "reference", "cpu", "triton", "cuda"))
+
+
+def topk_divergence_loss(student_logits: torch.Tensor, teacher_topk_indices: torch.Tensor,
+                         teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                         divergence: str = "forward_kl", beta: float = 0.5, mixed_kl_weight: float = 0.5,
+                         tail: str = "renormalize", temperature: float = 1.0,
+                         teacher_temperature: Optional[float] = None, t2_scaling: bool = False, alpha: float = 1.0,
+                         reverse_kl_floor: Optional[float] = None, reduction: str = "batchmean",
+                         num_items_in_batch=None, ignore_index: Optional[int] = -100,
+                         student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                         backend: str = "auto") -> torch.Tensor:
+    r"""Divergence between a sparse (top-k) teacher and the student's full distribution.
+
+    The teacher of each row is given by k vocabulary indices and its log-probabilities ℓ there,
+    computed over the whole vocabulary at ``teacher_temperature`` T_gen. K is the set of indices
+    whose log-prob is > −inf (padding entries carry −inf; their index is ignored). With
+    z' = c·tanh(s·z/c) (or s·z) the student's logits, p = softmax(z'/T) and
+
+    .. math::
+        \log \tilde q_i = \tfrac{T_{gen}}{T}\ell_i - \mathrm{LSE}_{j\in K}\big(\tfrac{T_{gen}}{T}\ell_j\big)
+
+    the teacher re-tempered to T and renormalised over K, the per-row loss is
+    ``α·(T² if t2_scaling)·D + (1 − α)·CE(z', y)`` with D, by ``tail``:
+
+    * ``"renormalize"``: D(q̃ ‖ p) entry by entry over the vocabulary, q̃ = 0 outside K. Forward KL
+      Σ_K q̃_i (log q̃_i − log p_i); the reverse KL uses ``reverse_kl_floor`` λ as the teacher's
+      log-prob outside K: Σ_j p_j (log p_j − t_j), t = log q̃ on K, λ elsewhere (required for
+      ``"reverse_kl"`` and ``"mixed_kl"``; −100 matches NeMo-RL).
+    * ``"renormalize_both"``: D(q̃ ‖ p̃), p̃ = p renormalised over K (mass outside K is free).
+    * ``"bucket"``: D over k + 1 bins, the tail bin holding the teacher's leftover mass
+      Q_R = 1 − Σ_K e^{ℓ_i} and the student's Σ_{j∉K} p_j. Needs T_gen = T.
+    * ``"truncate"``: Σ_K e^{ℓ_i}(ℓ_i − log p_i), not renormalised (can be negative); forward KL
+      only; needs T_gen = T.
+
+    Every gradient is the closed form ∂ℓ/∂z'_j = (p_j/T)(g_b(j) − ḡ) over the bins, written in the
+    forward (dense over the vocabulary, except ``"renormalize_both"``, which is nonzero on K only).
+
+    Args:
+        student_logits: [..., V] student logits (receive the gradient).
+        teacher_topk_indices: [..., k] integer vocabulary indices, distinct among the real entries.
+        teacher_topk_logprobs: [..., k] teacher log-probabilities at those indices (−inf: padding).
+        target: [...] labels, needed for ``alpha < 1`` or to skip rows with ``ignore_index``.
+        divergence: ``"forward_kl"`` KL(q‖p), ``"reverse_kl"`` KL(p‖q), ``"mixed_kl"``
+            (w·forward + (1 − w)·reverse, w = ``mixed_kl_weight``) or ``"jsd"`` (generalized JSD(β),
+            β weights the teacher; β = 0 is the forward, β = 1 the reverse KL).
+        tail: how the mass outside the teacher's top-k is treated (above).
+        temperature: T. teacher_temperature: T_gen (None: equal to T).
+        t2_scaling: multiply the divergence by T². alpha: weight of the divergence; ``alpha < 1``
+            adds (1 − α)·CE on z' at T = 1.
+        reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (÷ rows·V) | ``"batchmean"`` (÷ counted rows).
+        num_items_in_batch: replaces the ``batchmean`` divisor (a number or a 0-dim tensor).
+        student_logit_scale, student_softcap: s and c of the student's logit transform.
+        backend: ``"reference"`` runs the plain reference (autograd); any other name (``"auto"``,
+            ``"cpu"``, ``"triton"``, ``"cuda"``) runs the fused plain-PyTorch path of
+            :mod:`kdfast.topk`, one code for every device.
+
+    Shape:
+        student_logits [..., V], teacher tensors [..., k], target [...]; the output is a scalar, or
+        [...] with ``reduction="none"``.
+
+    Examples::
+
+        >>> z = torch.randn(4, 10, requires_grad=True)
+        >>> idx = torch.stack([torch.randperm(10)[:3] for _ in range(4)])
+        >>> logprobs = torch.log_softmax(torch.randn(4, 10), -1).gather(-1, idx)
+        >>> loss = kdfast.topk_divergence_loss(z, idx, logprobs, tail="bucket")
+        >>> loss.backward()
+    """
+    _check_logits("student_logits", student_logits)
+    _checks.topk_teacher(teacher_topk_indices, teacher_topk_logprobs, batch_shape=student_logits.shape[:-1],
+                         ref_name="student_logits", ref=student_logits, num_classes=student_logits.shape[-1])
+    _check_topk_options(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
+                        temperature=temperature, teacher_temperature=teacher_temperature, t2_scaling=t2_scaling,
+                        alpha=alpha, reverse_kl_floor=reverse_kl_floor, reduction=reduction,
+                        num_items_in_batch=num_items_in_batch, student_logit_scale=student_logit_scale,
+                        student_softcap=student_softcap, target=target, device=student_logits.device)
+    _check_backend_name(backend)
+    flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
+    k = teacher_topk_indices.shape[-1]
+    options = dict(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
+                   temperature=temperature, teacher_temperature=teacher_temperature, t2_scaling=t2_scaling,
+                   alpha=alpha, reverse_kl_floor=reverse_kl_floor, reduction=reduction,
+                   num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                   student_logit_scale=student_logit_scale, student_softcap=student_softcap)
+    # No kernel backend implements this loss: "reference" is the autograd reference, every other
+    # name the fused plain-PyTorch path (the same code on every device).
+    if backend == "reference":
+        op = resolve("reference", "topk_divergence_loss", student_logits.device)
+    else:
+        from .topk import topk_divergence_loss as op
+    loss = op(_rows(student_logits), teacher_topk_indices.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k),
+              flat_target, **options)
+    return _unflatten(loss, reduction, student_logits.shape[:-1])
 
 
 def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor,

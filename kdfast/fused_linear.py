@@ -306,18 +306,15 @@ def reference_loss(loss_name: str, student_logits: torch.Tensor, teacher_logits:
         own_logits = transform_logits(own_logits, options["student_logit_scale"], options["student_softcap"])
     cross_entropy = cross_entropy_rows(F.log_softmax(own_logits, dim=-1), rows.target)
     total_rows = alpha * distillation_rows + (1 - alpha) * nan_where(cross_entropy, rows.has_nan)
-    num_items = options.get("num_items_in_batch")
-    if num_items is not None and options["reduction"] == "batchmean":
-        total = torch.where(rows.valid, total_rows, torch.zeros_like(total_rows)).sum()
-        return total / (num_items.to(total.dtype) if isinstance(num_items, torch.Tensor) else num_items)
-    return reduce_rows(total_rows, rows.valid, options["reduction"], mean_divisor=width)
+    return reduce_rows(total_rows, rows.valid, options["reduction"], mean_divisor=width,
+                       num_items_in_batch=options.get("num_items_in_batch"))
 
 
 def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                          teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                          temperature: float = 4.0, alpha: float = 1.0, ignore_index: Optional[int] = -100,
-                         reduction: str = "batchmean", chunk_size: Optional[int] = None,
+                         reduction: str = "batchmean", num_items_in_batch=None, chunk_size: Optional[int] = None,
                          accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto") -> torch.Tensor:
     """:func:`kdfast.kd_loss` of ``student_hidden @ student_weight.T (+ bias)`` against the teacher's
     logits, computed ``chunk_size`` rows at a time (default: :func:`default_chunk_size`).
@@ -329,7 +326,9 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     """
     _checks.positive("temperature", temperature)
     _checks.in_unit_interval("alpha", alpha)
-    options = dict(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
+    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    options = dict(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
+                   num_items_in_batch=num_items_in_batch)
     return _fused_linear("kd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                          student_bias, teacher_bias, chunk_size, accum_dtype, backend, options)
 
@@ -339,18 +338,20 @@ def fused_linear_skd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                           temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
                           eps: float = 1e-7, normalize: str = "layernorm", ignore_index: Optional[int] = -100,
-                          reduction: str = "batchmean", chunk_size: Optional[int] = None,
+                          reduction: str = "batchmean", num_items_in_batch=None, chunk_size: Optional[int] = None,
                           accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto") -> torch.Tensor:
     """:func:`kdfast.skd_loss` on the output projections, chunked like :func:`fused_linear_kd_loss`.
     ``multiplier=None`` is κ = 2 for ``layernorm`` / ``l2`` and κ = 1 for ``standardize``."""
     _checks.positive("temperature", temperature)
     _checks.in_unit_interval("alpha", alpha)
+    _checks.num_items_in_batch(num_items_in_batch, reduction)
     _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
     _checks.optional_positive("multiplier", multiplier)
     _checks.positive("eps", eps)
     multiplier = reference.default_skd_multiplier(normalize) if multiplier is None else multiplier
     options = dict(temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
-                   reduction=reduction, ignore_index=ignore_index)
+                   reduction=reduction, ignore_index=ignore_index,
+                   num_items_in_batch=num_items_in_batch)
     return _fused_linear("skd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                          student_bias, teacher_bias, chunk_size, accum_dtype, backend, options)
 

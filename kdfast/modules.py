@@ -84,8 +84,9 @@ class KDLoss(_HyperParameters):
         super().__init__(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
 
-    def forward(self, student_logits, teacher_logits, target=None):
-        return KF.kd_loss(student_logits, teacher_logits, target, **self.options)
+    def forward(self, student_logits, teacher_logits, target=None, num_items_in_batch=None):
+        return KF.kd_loss(student_logits, teacher_logits, target, num_items_in_batch=num_items_in_batch,
+                          **self.options)
 
 
 class SKDLoss(_HyperParameters):
@@ -100,8 +101,9 @@ class SKDLoss(_HyperParameters):
         super().__init__(temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
                          reduction=reduction, ignore_index=ignore_index, backend=backend)
 
-    def forward(self, student_logits, teacher_logits, target=None):
-        return KF.skd_loss(student_logits, teacher_logits, target, **self.options)
+    def forward(self, student_logits, teacher_logits, target=None, num_items_in_batch=None):
+        return KF.skd_loss(student_logits, teacher_logits, target, num_items_in_batch=num_items_in_batch,
+                           **self.options)
 
 
 class PartialTeacherLoss(_HyperParameters):
@@ -112,8 +114,9 @@ class PartialTeacherLoss(_HyperParameters):
         super().__init__(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
 
-    def forward(self, student_logits, teacher_logits, target):
-        return KF.partial_teacher_loss(student_logits, teacher_logits, target, **self.options)
+    def forward(self, student_logits, teacher_logits, target, num_items_in_batch=None):
+        return KF.partial_teacher_loss(student_logits, teacher_logits, target, num_items_in_batch=num_items_in_batch,
+                                       **self.options)
 
 
 class LabelSmoothingLoss(_HyperParameters):
@@ -123,8 +126,8 @@ class LabelSmoothingLoss(_HyperParameters):
                  backend: str = "auto"):
         super().__init__(smoothing=smoothing, reduction=reduction, ignore_index=ignore_index, backend=backend)
 
-    def forward(self, student_logits, target):
-        return KF.label_smoothing_loss(student_logits, target, **self.options)
+    def forward(self, student_logits, target, num_items_in_batch=None):
+        return KF.label_smoothing_loss(student_logits, target, num_items_in_batch=num_items_in_batch, **self.options)
 
 
 class ReweightedCELoss(_HyperParameters):
@@ -135,8 +138,9 @@ class ReweightedCELoss(_HyperParameters):
         super().__init__(alpha=alpha, temperature=temperature, eps=eps, reduction=reduction,
                          ignore_index=ignore_index, backend=backend)
 
-    def forward(self, student_logits, teacher_logits, target):
-        return KF.reweighted_ce_loss(student_logits, teacher_logits, target, **self.options)
+    def forward(self, student_logits, teacher_logits, target, num_items_in_batch=None):
+        return KF.reweighted_ce_loss(student_logits, teacher_logits, target, num_items_in_batch=num_items_in_batch,
+                                     **self.options)
 
 
 class DivergenceLoss(_HyperParameters):
@@ -325,7 +329,7 @@ class L2RKDLoss(_HyperParameters):
 class FusedLinearKDLoss(_HyperParameters):
     """KD on output projections without materialising the logits (see
     :func:`kdfast.fused_linear_kd_loss`). ``forward(student_hidden, student_weight, teacher_hidden,
-    teacher_weight, target=None, student_bias=None, teacher_bias=None)``; pass the lm-head weights
+    teacher_weight, target=None, student_bias=None, teacher_bias=None, num_items_in_batch=None)``; pass the lm-head weights
     as they are (gathered, if sharded)."""
 
     _function = staticmethod(fused_linear.fused_linear_kd_loss)
@@ -338,9 +342,10 @@ class FusedLinearKDLoss(_HyperParameters):
                          chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None,
-                student_bias=None, teacher_bias=None):
+                student_bias=None, teacher_bias=None, num_items_in_batch=None):
         return self._function(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                              student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+                              student_bias=student_bias, teacher_bias=teacher_bias,
+                              num_items_in_batch=num_items_in_batch, **self.options)
 
 
 class FusedLinearSKDLoss(FusedLinearKDLoss):
@@ -380,9 +385,3 @@ class FusedLinearDivergenceLoss(FusedLinearKDLoss):
                                   student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                                   teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
                                   chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
-
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None,
-                student_bias=None, teacher_bias=None, num_items_in_batch=None):
-        return self._function(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                              student_bias=student_bias, teacher_bias=teacher_bias,
-                              num_items_in_batch=num_items_in_batch, **self.options)

@@ -130,6 +130,17 @@ def test_fused_linear_divergence_transforms_and_num_items(backend, options):
             dict(chunk_size=4, backend=backend), student, teacher, target)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_items", [7, torch.tensor(3.0)], ids=["int", "tensor"])
+def test_fused_linear_kd_skd_num_items_in_batch(backend, num_items):
+    student, teacher, target = problem(dtype=torch.float64)
+    compare(kdfast.fused_linear_kd_loss, "kd_loss", torch.float64, dict(alpha=0.5, num_items_in_batch=num_items),
+            dict(chunk_size=4, backend=backend), student, teacher, target)
+    compare(kdfast.fused_linear_skd_loss, "skd_loss", torch.float64,
+            dict(normalize="layernorm", num_items_in_batch=num_items), dict(chunk_size=4, backend=backend), student,
+            teacher, target)
+
+
 def test_fused_linear_kd_is_forward_kl_with_t2():
     student, teacher, target = problem(dtype=torch.float64)
     args = (student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target)

@@ -77,6 +77,16 @@ def test_reductions_float64(backend, case, reduction):
     check(backend, case, student, teacher, target, reduction=reduction)
 
 
+@pytest.mark.parametrize("num_items", [pytest.param(13, id="int"), pytest.param("tensor", id="tensor")])
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_num_items_in_batch(backend, case, num_items):
+    """Hugging Face's gradient-accumulation divisor replaces batchmean's count of rows."""
+    student, teacher, target = inputs((5, 37), F64, backend)
+    if num_items == "tensor":
+        num_items = torch.tensor(6.5, dtype=F64, device=backend.device)
+    check(backend, case, student, teacher, target, reduction="batchmean", num_items_in_batch=num_items)
+
+
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("case", ROW_CASES)
 def test_dtypes(backend, case, dtype):

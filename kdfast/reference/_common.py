@@ -90,13 +90,15 @@ def nan_where(per_row: torch.Tensor, has_nan: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, reduction: str,
-                mean_divisor: int = 1) -> torch.Tensor:
+                mean_divisor: int = 1, num_items_in_batch=None) -> torch.Tensor:
     """Apply a reduction to per-row losses; ignored rows count neither in the sum nor the divisor.
 
     ``batchmean`` divides by the number of counted rows; ``mean`` additionally divides by
     ``mean_divisor`` (the number of classes for KL-type losses, as torch.nn.KLDivLoss does, and 1
     for CE-type losses, as torch.nn.CrossEntropyLoss does). With no counted row (an empty batch or
     every row ignored) the divisor is clamped to 1, so the loss is 0 with a zero gradient.
+    ``num_items_in_batch`` (a number or a 0-dim tensor), when given, replaces the ``batchmean``
+    divisor: Hugging Face's gradient-accumulation count of the items in the whole accumulated batch.
     """
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
     if reduction == "none":
@@ -104,6 +106,10 @@ def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, reduction: str,
     total = per_row.sum()
     if reduction == "sum":
         return total
+    if num_items_in_batch is not None and reduction == "batchmean":
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return total / num_items_in_batch.to(device=total.device, dtype=total.dtype)
+        return total / num_items_in_batch
     rows = valid.sum().clamp_min(1).to(per_row.dtype)
     if reduction == "batchmean":
         return total / rows

@@ -127,9 +127,5 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if alpha < 1:
         per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(student, dim=-1), rows.target)
     per_row = nan_where(per_row, rows.has_nan)
-    if num_items_in_batch is not None and reduction == "batchmean":
-        total = torch.where(rows.valid, per_row, torch.zeros_like(per_row)).sum()
-        if isinstance(num_items_in_batch, torch.Tensor):
-            return total / num_items_in_batch.to(dtype=total.dtype)
-        return total / num_items_in_batch
-    return reduce_rows(per_row, rows.valid, reduction, mean_divisor=student.shape[-1])
+    return reduce_rows(per_row, rows.valid, reduction, mean_divisor=student.shape[-1],
+                       num_items_in_batch=num_items_in_batch)

@@ -59,7 +59,7 @@ def default_skd_multiplier(normalize: str) -> float:
 
 
 def _distill(rows: Rows, student: torch.Tensor, teacher: torch.Tensor, *, temperature: float,
-             alpha: float, reduction: str) -> torch.Tensor:
+             alpha: float, reduction: str, num_items_in_batch=None) -> torch.Tensor:
     """α·T²·KL(σ_T(teacher) ‖ σ_T(student)) + (1 − α)·CE(student, y), per row, then reduced."""
     log_p = F.log_softmax(student / temperature, dim=-1)
     log_q = F.log_softmax(teacher / temperature, dim=-1)
@@ -67,22 +67,25 @@ def _distill(rows: Rows, student: torch.Tensor, teacher: torch.Tensor, *, temper
     if alpha < 1:
         per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(student, dim=-1), rows.target)
     per_row = nan_where(per_row, rows.has_nan)
-    return reduce_rows(per_row, rows.valid, reduction, mean_divisor=student.shape[-1])
+    return reduce_rows(per_row, rows.valid, reduction, mean_divisor=student.shape[-1],
+                       num_items_in_batch=num_items_in_batch)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             target: Optional[torch.Tensor] = None, *, temperature: float = 4.0, alpha: float = 1.0,
-            reduction: str = "batchmean", ignore_index: Optional[int] = -100) -> torch.Tensor:
+            reduction: str = "batchmean", ignore_index: Optional[int] = -100,
+            num_items_in_batch=None) -> torch.Tensor:
     """Hinton KD (spec §0): α·T²·KL(σ_T(z^t) ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y)."""
     rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
-    return _distill(rows, rows.student, rows.teacher, temperature=temperature, alpha=alpha, reduction=reduction)
+    return _distill(rows, rows.student, rows.teacher, temperature=temperature, alpha=alpha, reduction=reduction,
+                    num_items_in_batch=num_items_in_batch)
 
 
 def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
              target: Optional[torch.Tensor] = None, *, temperature: float = 4.0,
              multiplier: Optional[float] = None, alpha: float = 1.0, eps: float = 1e-7,
              normalize: str = "layernorm", reduction: str = "batchmean",
-             ignore_index: Optional[int] = -100) -> torch.Tensor:
+             ignore_index: Optional[int] = -100, num_items_in_batch=None) -> torch.Tensor:
     """Spherical KD (spec §1a): KD between the normalised logits h = κ·normalize(z) of both
     networks, with the CE term on the normalised student logits at T = 1. ``multiplier=None`` is
     κ = 2 for ``layernorm`` / ``l2`` and κ = 1 for ``standardize`` (:data:`SKD_DEFAULT_MULTIPLIERS`)."""
@@ -90,7 +93,8 @@ def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
     student = normalize_logits(rows.student, normalize, multiplier, eps)
     teacher = normalize_logits(rows.teacher, normalize, multiplier, eps)
-    return _distill(rows, student, teacher, temperature=temperature, alpha=alpha, reduction=reduction)
+    return _distill(rows, student, teacher, temperature=temperature, alpha=alpha, reduction=reduction,
+                    num_items_in_batch=num_items_in_batch)
 
 
 def partial_teacher_log_target(teacher_logits: torch.Tensor, target: torch.Tensor,
@@ -111,7 +115,7 @@ def partial_teacher_log_target(teacher_logits: torch.Tensor, target: torch.Tenso
 
 def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
                          temperature: float = 1.0, alpha: float = 0.5, reduction: str = "batchmean",
-                         ignore_index: Optional[int] = -100) -> torch.Tensor:
+                         ignore_index: Optional[int] = -100, num_items_in_batch=None) -> torch.Tensor:
     """KD-pt of Tang et al. (spec §4a): α·T²·KL(q^pt ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y)."""
     rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
     log_q = partial_teacher_log_target(rows.teacher, rows.target, temperature)
@@ -120,21 +124,25 @@ def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     if alpha < 1:
         per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(rows.student, dim=-1), rows.target)
     per_row = nan_where(per_row, rows.has_nan)
-    return reduce_rows(per_row, rows.valid, reduction, mean_divisor=rows.student.shape[-1])
+    return reduce_rows(per_row, rows.valid, reduction, mean_divisor=rows.student.shape[-1],
+                       num_items_in_batch=num_items_in_batch)
 
 
 def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0.1,
-                         reduction: str = "mean", ignore_index: Optional[int] = -100) -> torch.Tensor:
+                         reduction: str = "mean", ignore_index: Optional[int] = -100,
+                         num_items_in_batch=None) -> torch.Tensor:
     """CE against t = (1 − ε)·e_y + (ε/C)·1 (spec §4a), as torch's cross_entropy(label_smoothing=ε)."""
     rows = prepare_rows(student_logits, None, target, ignore_index)
     log_p = F.log_softmax(rows.student, dim=-1)
     per_row = (1 - smoothing) * cross_entropy_rows(log_p, rows.target) - smoothing * log_p.mean(dim=-1)
-    return reduce_rows(nan_where(per_row, rows.has_nan), rows.valid, reduction, mean_divisor=1)
+    return reduce_rows(nan_where(per_row, rows.has_nan), rows.valid, reduction, mean_divisor=1,
+                       num_items_in_batch=num_items_in_batch)
 
 
 def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
                        alpha: float = 0.5, temperature: float = 1.0, eps: float = 1e-6,
-                       reduction: str = "mean", ignore_index: Optional[int] = -100) -> torch.Tensor:
+                       reduction: str = "mean", ignore_index: Optional[int] = -100,
+                       num_items_in_batch=None) -> torch.Tensor:
     """Instance re-weighted CE (spec §4a): w_i·CE_i with the detached weight
     w_i = 1 − α·(1 − ρ_i)/max(1 − p_{y,i}, eps), ρ_i = σ_T(z^t_i)[y_i], p = σ(z^s_i).
     w is KD's true-logit gradient relative to CE's; it can be negative."""
@@ -146,4 +154,5 @@ def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         rho = rho.gather(-1, rows.target.unsqueeze(-1)).squeeze(-1)
         p_true = (-ce).exp()
         weight = 1 - alpha * (1 - rho) / (1 - p_true).clamp_min(eps)
-    return reduce_rows(nan_where(weight * ce, rows.has_nan), rows.valid, reduction, mean_divisor=1)
+    return reduce_rows(nan_where(weight * ce, rows.has_nan), rows.valid, reduction, mean_divisor=1,
+                       num_items_in_batch=num_items_in_batch)
