@@ -90,6 +90,23 @@ def _logits(hidden, weight, bias, width):
     return _pad(logits, width)
 
 
+def _logits_into(out, hidden, weight, bias):
+    """``hidden @ weight.T (+ bias)`` written into ``out`` [rows, width]; columns past the weight's
+    vocabulary are zero (the padding of the smaller vocabulary)."""
+    vocab = weight.shape[0]
+    target = out if vocab == out.shape[1] else out[:, :vocab]
+    if target.is_contiguous():
+        if bias is None:
+            torch.mm(hidden, weight.T, out=target)
+        else:
+            torch.addmm(bias, hidden, weight.T, out=target)
+    else:
+        target.copy_(_logits(hidden, weight, bias, vocab))
+    if vocab < out.shape[1]:
+        out[:, vocab:].zero_()
+    return out
+
+
 def _pad(logits, width):
     return logits if logits.shape[-1] == width else F.pad(logits, (0, width - logits.shape[-1]))
 
@@ -177,32 +194,43 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
         gemm_teacher_weight, gemm_teacher_bias = _cast(teacher_weight, gemm_dtype), _cast(teacher_bias, gemm_dtype)
 
         padded_params, own_cross_entropy_params = split_padded_cross_entropy(params, vocab, width)
+        # Both chunks of logits live in two buffers allocated once per call: a fresh [chunk, V]
+        # tensor per chunk costs the allocator's page faults and zeroing every time.
+        chunk_rows = min(chunk_size, rows)
+        student_buffer = torch.empty((chunk_rows, width), dtype=gemm_dtype, device=student_hidden.device)
+        teacher_buffer = torch.empty((chunk_rows, width), dtype=gemm_dtype, device=student_hidden.device)
+        direct_grad_hidden = accum_dtype == gemm_dtype
         for start in range(0, rows, chunk_size):
             stop = min(start + chunk_size, rows)
             hidden = student_hidden[start:stop].to(gemm_dtype)
-            student_logits = _logits(hidden, gemm_weight, gemm_bias, vocab)
-            derivative = student_transform.apply_(student_logits)
-            teacher_logits = _logits(teacher_hidden[start:stop].to(gemm_dtype), gemm_teacher_weight,
-                                     gemm_teacher_bias, width)
-            teacher_transform.apply_(teacher_logits)
+            student_logits = _logits_into(student_buffer[:stop - start], hidden, gemm_weight, gemm_bias)
+            derivative = student_transform.apply_(student_logits[:, :vocab])
+            teacher_logits = _logits_into(teacher_buffer[:stop - start], teacher_hidden[start:stop].to(gemm_dtype),
+                                          gemm_teacher_weight, gemm_teacher_bias)
+            teacher_transform.apply_(teacher_logits[:, :teacher_weight.shape[0]])
             chunk_target = None if target is None else target[start:stop]
-            loss_rows, grad_logits = kernel(_pad(student_logits, width), teacher_logits, chunk_target, padded_params)
+            loss_rows, grad_logits = kernel(student_logits, teacher_logits, chunk_target, padded_params)
             grad_logits = grad_logits[:, :vocab]
             if own_cross_entropy_params is not None:
-                cross_entropy_rows, cross_entropy_grad = kernel(student_logits, None, chunk_target,
-                                                                own_cross_entropy_params)
+                cross_entropy_rows, cross_entropy_grad = kernel(student_logits[:, :vocab].contiguous(), None,
+                                                                chunk_target, own_cross_entropy_params)
                 loss_rows = loss_rows + cross_entropy_rows
                 grad_logits = grad_logits + cross_entropy_grad
             if not student_transform.identity:
                 grad_logits = student_transform.chain_(grad_logits.contiguous(), derivative)
             del student_logits, teacher_logits, derivative
             total += loss_rows.sum(dtype=loss_dtype)
-            grad_hidden[start:stop] = grad_logits @ gemm_weight
+            if direct_grad_hidden:
+                torch.mm(grad_logits, gemm_weight, out=grad_hidden[start:stop])
+            else:
+                grad_hidden[start:stop] = grad_logits @ gemm_weight
             if want_weight:
                 grad_weight.addmm_(grad_logits.T.to(accum_dtype), hidden.to(accum_dtype))
             if want_bias:
                 grad_bias += grad_logits.sum(0, dtype=accum_dtype)
+            del grad_logits
 
+        del student_buffer, teacher_buffer
         del gemm_weight, gemm_teacher_weight
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype, student_weight.dtype)
         ctx.present = (True, want_weight, want_bias)
