@@ -13,6 +13,9 @@ from .functional import (divergence_loss, kd_loss, l2rkd_loss, l2rkd_mix, label_
 from .fused_linear import fused_linear_divergence_loss, fused_linear_kd_loss, fused_linear_skd_loss
 from .modules import (DivergenceLoss, FusedLinearDivergenceLoss, FusedLinearKDLoss, FusedLinearSKDLoss, KDLoss, L2RKDLoss, LabelSmoothingLoss, NDLoss,
                       NystromLoss, PartialTeacherLoss, ReweightedCELoss, SKDLoss)
+from .functional import topk_divergence_loss
+from .fused_linear_topk import fused_linear_topk_divergence_loss
+from .modules import FusedLinearTopKDivergenceLoss, TopKDivergenceLoss
 from .reference.landmark_gram import nystrom_reconstruction
 from .reference.rowsoftmax import normalize_logits
 
@@ -23,6 +26,7 @@ __all__ = [
     "FusedLinearDivergenceLoss",
     "KDLoss", "SKDLoss", "PartialTeacherLoss", "LabelSmoothingLoss", "ReweightedCELoss", "NDLoss", "NystromLoss",
     "L2RKDLoss", "divergence_loss", "DivergenceLoss", "ClassCenters", "available_backends", "ReferenceFallbackWarning", "__version__",
+    "topk_divergence_loss", "TopKDivergenceLoss", "fused_linear_topk_divergence_loss", "FusedLinearTopKDivergenceLoss",
 ]
 
 # Import the backends that can serve this machine now, so that a step compiled with torch.compile

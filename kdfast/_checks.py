@@ -158,3 +158,55 @@ def num_items_in_batch(value, reduction: str, name: str = "num_items_in_batch") 
     if reduction != "batchmean":
         raise ValueError(f"{name} replaces the 'batchmean' divisor; it needs reduction='batchmean', "
                          f"got reduction={reduction!r}")
+
+
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "mixed_kl", "jsd")
+TOPK_TAILS = ("renormalize", "renormalize_both", "bucket", "truncate")
+
+
+def optional_finite(name: str, value) -> None:
+    """None or a finite Python number."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number or None, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def topk_teacher(indices, logprobs, *, batch_shape: Sequence[int], ref_name: str, ref: torch.Tensor,
+                 num_classes: int, indices_name: str = "teacher_topk_indices",
+                 logprobs_name: str = "teacher_topk_logprobs") -> None:
+    """A top-k teacher: integer indices and floating log-probabilities of the same shape
+    [*batch_shape, k], k ≥ 1, on ``ref``'s device; the indices of the real entries (log-prob > −inf)
+    in [0, num_classes) (padding entries may hold any index). The range check raises at once on CPU
+    and is a device-side assertion elsewhere (no host sync)."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{indices_name} must be a torch.Tensor of vocabulary indices, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{indices_name} must hold integer vocabulary indices, got dtype {indices.dtype}")
+    tensor(logprobs_name, logprobs)
+    if indices.dim() != len(batch_shape) + 1 or tuple(indices.shape[:-1]) != tuple(batch_shape):
+        raise ValueError(f"{indices_name} must have shape {tuple(batch_shape)} + (k,) (the rows of {ref_name}), "
+                         f"got {tuple(indices.shape)}")
+    if indices.shape[-1] == 0:
+        raise ValueError(f"{indices_name} must have at least one entry per row (k >= 1)")
+    if logprobs.shape != indices.shape:
+        raise ValueError(f"{logprobs_name} has shape {tuple(logprobs.shape)} but {indices_name} has shape "
+                         f"{tuple(indices.shape)}; they must match")
+    for name, value in ((indices_name, indices), (logprobs_name, logprobs)):
+        if value.device != ref.device:
+            raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; "
+                             "they must be on the same device")
+    if indices.numel() == 0:
+        return
+    real = logprobs > -math.inf
+    inside = (indices >= 0) & (indices < num_classes)
+    ok = (inside | ~real).all()
+    message = f"{indices_name} holds an index outside [0, {num_classes}) at an entry whose log-prob is not -inf"
+    if indices.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            bad = indices[real & ~inside][0].item()
+            raise ValueError(f"{message} (found {bad})")
+    else:
+        torch._assert_async(ok, message)

@@ -385,3 +385,89 @@ class FusedLinearDivergenceLoss(FusedLinearKDLoss):
                                   student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                                   teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
                                   chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
+
+
+_TOPK_CHECKS = {
+    "beta": _checks.in_unit_interval,
+    "mixed_kl_weight": _checks.in_unit_interval,
+    "teacher_temperature": _checks.optional_positive,
+    "t2_scaling": _checks.flag,
+    "reverse_kl_floor": _checks.optional_finite,
+    "student_logit_scale": _checks.positive,
+    "student_softcap": _checks.optional_positive,
+}
+
+
+class TopKDivergenceLoss(_HyperParameters):
+    """Divergences against a sparse (top-k) teacher. ``forward(student_logits, teacher_topk_indices,
+    teacher_topk_logprobs, target=None, num_items_in_batch=None)``; see
+    :func:`kdfast.topk_divergence_loss` (the formulas, the ``tail`` modes, the shapes).
+
+    Examples::
+
+        >>> loss_fn = kdfast.TopKDivergenceLoss(divergence="jsd", beta=0.5, tail="bucket")
+        >>> loss = loss_fn(student_logits, teacher_topk_indices, teacher_topk_logprobs)
+    """
+
+    CHOICES = {"reduction": _checks.ROW_REDUCTIONS, "divergence": _checks.TOPK_DIVERGENCES,
+               "tail": _checks.TOPK_TAILS}
+    CHECKS = _TOPK_CHECKS
+
+    def __init__(self, divergence: str = "forward_kl", beta: float = 0.5, mixed_kl_weight: float = 0.5,
+                 tail: str = "renormalize", temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 t2_scaling: bool = False, alpha: float = 1.0, reverse_kl_floor: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: Optional[int] = -100, student_logit_scale: float = 1.0,
+                 student_softcap: Optional[float] = None, backend: str = "auto"):
+        super().__init__(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
+                         temperature=temperature, teacher_temperature=teacher_temperature, t2_scaling=t2_scaling,
+                         alpha=alpha, reverse_kl_floor=reverse_kl_floor, reduction=reduction,
+                         ignore_index=ignore_index, student_logit_scale=student_logit_scale,
+                         student_softcap=student_softcap, backend=backend)
+        from .reference.topk import check_tail_options
+        check_tail_options(divergence, tail, beta, mixed_kl_weight, temperature, teacher_temperature,
+                           reverse_kl_floor)
+
+    def forward(self, student_logits, teacher_topk_indices, teacher_topk_logprobs, target=None,
+                num_items_in_batch=None):
+        return KF.topk_divergence_loss(student_logits, teacher_topk_indices, teacher_topk_logprobs, target,
+                                       num_items_in_batch=num_items_in_batch, **self.options)
+
+
+class FusedLinearTopKDivergenceLoss(_HyperParameters):
+    """Top-k teacher divergences on the student's output projection, without materialising the
+    logits (see :func:`kdfast.fused_linear_topk_divergence_loss`). ``forward(student_hidden,
+    student_weight, teacher_topk_indices, teacher_topk_logprobs, target=None, student_bias=None,
+    num_items_in_batch=None)``; pass the lm-head weight as it is (gathered, if sharded).
+
+    Examples::
+
+        >>> loss_fn = kdfast.FusedLinearTopKDivergenceLoss(tail="bucket")
+        >>> loss = loss_fn(hidden, lm_head.weight, teacher_topk_indices, teacher_topk_logprobs)
+    """
+
+    CHOICES = {"reduction": fused_linear.REDUCTIONS, "divergence": _checks.TOPK_DIVERGENCES,
+               "tail": _checks.TOPK_TAILS}
+    CHECKS = _TOPK_CHECKS
+
+    def __init__(self, divergence: str = "forward_kl", beta: float = 0.5, mixed_kl_weight: float = 0.5,
+                 tail: str = "renormalize", temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 t2_scaling: bool = False, alpha: float = 1.0, reverse_kl_floor: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: Optional[int] = -100, student_logit_scale: float = 1.0,
+                 student_softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto"):
+        super().__init__(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
+                         temperature=temperature, teacher_temperature=teacher_temperature, t2_scaling=t2_scaling,
+                         alpha=alpha, reverse_kl_floor=reverse_kl_floor, reduction=reduction,
+                         ignore_index=ignore_index, student_logit_scale=student_logit_scale,
+                         student_softcap=student_softcap, chunk_size=chunk_size, accum_dtype=accum_dtype,
+                         backend=backend)
+        from .reference.topk import check_tail_options
+        check_tail_options(divergence, tail, beta, mixed_kl_weight, temperature, teacher_temperature,
+                           reverse_kl_floor)
+
+    def forward(self, student_hidden, student_weight, teacher_topk_indices, teacher_topk_logprobs, target=None,
+                student_bias=None, num_items_in_batch=None):
+        from .fused_linear_topk import fused_linear_topk_divergence_loss
+        return fused_linear_topk_divergence_loss(student_hidden, student_weight, teacher_topk_indices,
+                                                 teacher_topk_logprobs, target, student_bias=student_bias,
+                                                 num_items_in_batch=num_items_in_batch, **self.options)
