@@ -369,7 +369,8 @@ def test_auto_falls_back_to_the_reference_without_a_warning_when_a_backend_lacks
         assert _dispatch.resolve("auto", "divergence_loss", torch.device("cpu")) is reference.divergence_loss
         kdfast.divergence_loss(logits(2, 5), logits(2, 5))
     assert _dispatch.resolve("auto", "kd_loss", torch.device("cpu"))() == "fused"
-    assert kdfast.available_backends("divergence_loss", "cpu") == ["reference"]
+    available = kdfast.available_backends("divergence_loss", "cpu")
+    assert "cpu" not in available and "reference" in available
     with pytest.raises(RuntimeError, match="does not implement divergence_loss"):
         _dispatch.resolve("cpu", "divergence_loss", torch.device("cpu"))
 
