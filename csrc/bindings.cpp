@@ -12,14 +12,14 @@
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(kdfast, m) {
-  // the integer codes (normalize, teacher_mode, kind) are csrc/common/contract.h's enums;
+  // the integer codes (normalize, teacher_mode, divergence, kind) are csrc/common/contract.h's enums;
   // compute_grad=False: the loss only (an empty gradient, no gradient pass); wide_grad: an fp32
   // gradient for half inputs (see glue_common.h grad_dtype)
   m.def(
       "row_softmax(Tensor student, Tensor? teacher, Tensor? target, int normalize, float multiplier, float eps, "
       "float temperature, int teacher_mode, float kl_weight, float ce_weight, float uniform_weight, bool reweight, "
-      "float reweight_alpha, float reweight_eps, int ignore_index, bool compute_grad=True, bool wide_grad=False) "
-      "-> (Tensor, Tensor)");
+      "float reweight_alpha, float reweight_eps, int ignore_index, bool compute_grad=True, bool wide_grad=False, "
+      "int divergence=0, float divergence_param=0.0) -> (Tensor, Tensor)");
   // rows whose target is ignore_index: loss 0, zero gradient
   m.def(
       "feature_centre(Tensor student, Tensor teacher, Tensor target, Tensor centres, float eps, int ignore_index, "

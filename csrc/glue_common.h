@@ -79,11 +79,21 @@ inline void set_row_softmax_options(RowSoftmaxArgs& args, const char* op, int64_
                                     int64_t normalize, double multiplier, double eps, double temperature,
                                     int64_t teacher_mode, double kl_weight, double ce_weight, double uniform_weight,
                                     bool reweight, double reweight_alpha, double reweight_eps,
-                                    int64_t ignore_index) {
+                                    int64_t ignore_index, int64_t divergence, double divergence_param) {
   TORCH_CHECK(normalize >= kNormNone && normalize <= kNormStandardize, op, ": unknown normalize code ", normalize);
   TORCH_CHECK(teacher_mode >= kTeacherNone && teacher_mode <= kTeacherPartial, op,
               ": unknown teacher code ", teacher_mode);
   TORCH_CHECK(temperature > 0 && multiplier > 0 && eps > 0, op, ": temperature, multiplier and eps must be > 0");
+  TORCH_CHECK(divergence >= kDivForwardKL && divergence <= kDivSkewReverseKL, op, ": unknown divergence code ",
+              divergence, " (expected ", int(kDivForwardKL), "..", int(kDivSkewReverseKL), ")");
+  const bool weighted_form = divergence == kDivMixedKL || divergence == kDivJSD || divergence == kDivSkewForwardKL ||
+                             divergence == kDivSkewReverseKL;
+  // the mixtures take log w and log(1 − w); the endpoints are the plain KLs and must be passed as those
+  TORCH_CHECK(!weighted_form || (divergence_param > 0 && divergence_param < 1), op,
+              ": divergence_param must lie strictly inside (0, 1) for divergence code ", divergence, ", got ",
+              divergence_param);
+  TORCH_CHECK(divergence == kDivForwardKL || teacher_mode == kTeacherSoftmax, op, ": divergence code ", divergence,
+              " needs the softmax teacher (teacher_mode ", int(kTeacherSoftmax), "), got teacher_mode ", teacher_mode);
   args.rows = rows;
   args.classes = classes;
   args.normalize = static_cast<int>(normalize);
@@ -98,6 +108,8 @@ inline void set_row_softmax_options(RowSoftmaxArgs& args, const char* op, int64_
   args.reweight_alpha = reweight_alpha;
   args.reweight_eps = reweight_eps;
   args.ignore_index = ignore_index;
+  args.divergence = static_cast<int>(divergence);
+  args.divergence_param = divergence_param;
 }
 
 // One row-softmax launch: the options in args, the tensors it reads made contiguous (teacher in the
@@ -113,13 +125,15 @@ inline RowSoftmaxCall prepare_row_softmax(const char* op, const at::Tensor& stud
                                           const std::optional<at::Tensor>& target, int64_t normalize,
                                           double multiplier, double eps, double temperature, int64_t teacher_mode,
                                           double kl_weight, double ce_weight, double uniform_weight, bool reweight,
-                                          double reweight_alpha, double reweight_eps, int64_t ignore_index) {
+                                          double reweight_alpha, double reweight_eps, int64_t ignore_index,
+                                          int64_t divergence, double divergence_param) {
   TORCH_CHECK(student.dim() == 2 && student.size(1) > 0, op, ": student must be [rows, classes>0], got ",
               student.sizes());
   const int64_t rows = student.size(0), classes = student.size(1);
   RowSoftmaxCall call;
   set_row_softmax_options(call.args, op, rows, classes, normalize, multiplier, eps, temperature, teacher_mode,
-                          kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps, ignore_index);
+                          kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps, ignore_index,
+                          divergence, divergence_param);
   call.args.type = element_type(student, op);
   call.student = student.contiguous();
   call.args.student = call.student.data_ptr();

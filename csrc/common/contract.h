@@ -118,6 +118,8 @@ struct RowSoftmaxFlags {
   bool kl = false;               // a KL term (kl_weight ≠ 0 and a teacher mode)
   bool soft_teacher = false;     //   with q = softmax(h^t/T)
   bool partial_teacher = false;  //   with q = KD-pt's target (ρ kept at the label, 1 − ρ spread evenly)
+  int divergence = kDivForwardKL;  // the soft teacher's term: a Divergence code (forward KL otherwise)
+  bool general_divergence = false;  //   ... other than the forward KL: the per-entry divergence pass
   bool ce = false;               // a CE term
   bool uniform = false;          // a uniform (label-smoothing) term
   bool unit_softmax = false;     // p = softmax(h^s) at T = 1 is needed (CE or uniform term)
@@ -134,6 +136,8 @@ KDFAST_HOST_DEVICE RowSoftmaxFlags row_softmax_flags(const RowSoftmaxArgs& a) {
   f.kl = a.kl_weight != 0 && a.teacher_mode != kTeacherNone;
   f.soft_teacher = f.kl && a.teacher_mode == kTeacherSoftmax;
   f.partial_teacher = f.kl && a.teacher_mode == kTeacherPartial;
+  f.divergence = f.soft_teacher ? a.divergence : int(kDivForwardKL);
+  f.general_divergence = f.divergence != kDivForwardKL;
   f.ce = a.ce_weight != 0;
   f.uniform = a.uniform_weight != 0;
   f.unit_softmax = f.ce || f.uniform;

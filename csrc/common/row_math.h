@@ -30,6 +30,13 @@ KDFAST_HOST_DEVICE float exp_of(float x) { return expf(x); }
 KDFAST_HOST_DEVICE double exp_of(double x) { return exp(x); }
 KDFAST_HOST_DEVICE float log_of(float x) { return logf(x); }
 KDFAST_HOST_DEVICE double log_of(double x) { return log(x); }
+KDFAST_HOST_DEVICE float log1p_of(float x) { return log1pf(x); }
+KDFAST_HOST_DEVICE double log1p_of(double x) { return log1p(x); }
+//: e^x for x ≤ 0 (the CPU's SIMD overload uses a faster exp that is only valid there)
+KDFAST_HOST_DEVICE float exp_nonpositive(float x) { return expf(x); }
+KDFAST_HOST_DEVICE double exp_nonpositive(double x) { return exp(x); }
+KDFAST_HOST_DEVICE float abs_of(float x) { return fabsf(x); }
+KDFAST_HOST_DEVICE double abs_of(double x) { return fabs(x); }
 
 template <typename acc_t> KDFAST_HOST_DEVICE acc_t negative_infinity() { return -acc_t(INFINITY); }
 //: the smallest positive normal number
@@ -40,6 +47,17 @@ template <typename acc_t> KDFAST_HOST_DEVICE acc_t clamp_below(acc_t x, acc_t lo
 //: the larger of a and b, NaN if either is NaN
 template <typename acc_t> KDFAST_HOST_DEVICE acc_t max_keep_nan(acc_t a, acc_t b) {
   return (a != a || b != b) ? a + b : (a < b ? b : a);
+}
+
+// ---- selects (the CPU kernels overload them for SIMD vectors, like zero_where_zero) ------------------
+
+//: a == b ? x : y (NaN compares unequal)
+template <typename V> KDFAST_HOST_DEVICE V select_equal(const V& a, const V& b, const V& x, const V& y) {
+  return a == b ? x : y;
+}
+//: a > b ? x : y (NaN compares false)
+template <typename V> KDFAST_HOST_DEVICE V select_greater(const V& a, const V& b, const V& x, const V& y) {
+  return a > b ? x : y;
 }
 
 // ---- guards ---------------------------------------------------------------------------------------
@@ -134,6 +152,118 @@ KDFAST_HOST_DEVICE V normalised_gradient(const V& g, const V& z, const Normalisa
   return V(b.scale) * g - V(b.k) * (z - V(b.mean)) - V(b.centre);
 }
 
+// ---- divergence term of a soft teacher ------------------------------------------------------------
+//
+// For every Divergence D(p, q) between p = p_T (student) and q (teacher) the kernels sum two
+// per-entry values: d_j, with Σ_j d_j = D, and π_j = p_j·∂D/∂p_j (∂D/∂p up to a constant, which
+// cancels). Through the softmax, ∂D/∂h_j = (π_j − p_j·Σ_i π_i)/T. With m a mixture of the form:
+//
+//   form              d_j                                         π_j
+//   forward KL        q·(log q − log p)                           −q
+//   reverse KL        p·(log p − log q)                           p·(log p − log q)
+//   mixed KL (w)      w·[forward]_j + (1 − w)·[reverse]_j         −w·q + (1 − w)·[reverse]_j
+//   JSD (β)           β·q·log(q/m) + (1 − β)·p·log(p/m)           (1 − β)·p·log(p/m),  m = β·q + (1 − β)·p
+//   TVD               ½·|p − q|                                   ½·p·sign(p − q), sign(0) = 0
+//   skew forward (α)  q·log(q/m)                                  −(1 − α)·p·q/m,      m = α·q + (1 − α)·p
+//   skew reverse (α)  p·log(p/m)                                  p·(log(p/m) − α·p/m), m = α·p + (1 − α)·q
+//
+// Every x·log(x/y) term is 0 where x == 0 (masked, or underflowed from a finite logit), chosen by a
+// select before its difference of logs is used, so no 0·(−inf) or (−inf) − (−inf) reaches a sum;
+// x > 0 where y's log is −inf gives +inf (a support violation: the row's loss is +inf). The logs
+// come from the logits' log-arguments, not from log(p): an underflowed p keeps its finite log.
+// A NaN in p, q or their logs reaches d or π in at least one entry of the row, so the row's Σd and
+// Σπ, hence its loss and every gradient entry, are NaN.
+
+//: the form's weight w (w·x + (1 − w)·y mixtures, mixed KL's forward weight) and its logs
+template <typename acc_t>
+struct DivergenceWeights {
+  acc_t w = 0, rest = 1;     // w, 1 − w
+  acc_t log_w = 0, log_rest = 0;
+};
+
+template <typename acc_t>
+KDFAST_HOST_DEVICE DivergenceWeights<acc_t> divergence_weights(int form, double param) {
+  DivergenceWeights<acc_t> k;
+  if (form == kDivMixedKL || form == kDivJSD || form == kDivSkewForwardKL || form == kDivSkewReverseKL) {
+    // the glue keeps param inside (0, 1), so both logs are finite
+    k = {acc_t(param), acc_t(1 - param), acc_t(log(param)), acc_t(log1p(-param))};
+  }
+  return k;
+}
+
+// m = w·x + (1 − w)·y from log x and log y, as logaddexp(log w + log x, log(1 − w) + log y), with
+// the two components' shares of m: share_x = w·x/m, share_y = (1 − w)·y/m (they sum to 1 and come
+// from the same exp, so the ratios cost no further exp or division by a tiny m).
+template <typename V>
+struct Mixture {
+  V log_m, share_x, share_y;
+};
+
+template <typename V, typename acc_t>
+KDFAST_HOST_DEVICE Mixture<V> mixture(const DivergenceWeights<acc_t>& k, const V& log_x, const V& log_y) {
+  const V a = V(k.log_w) + log_x, b = V(k.log_rest) + log_y;
+  // a NaN lands in `low` (a) or `top` (b), and from there in log m
+  const V top = select_greater(a, b, a, b), low = select_greater(a, b, b, a);
+  // both −inf (x = y = 0): any finite stand-in; every term there is dropped by its x == 0 select
+  const V shift = select_equal(top, V(negative_infinity<acc_t>()), V(0), top);
+  const V t = exp_nonpositive(low - shift);  // in [0, 1]
+  const V top_share = V(1) / (V(1) + t), low_share = t * top_share;
+  return {shift + log1p_of(t), select_greater(a, b, top_share, low_share), select_greater(a, b, low_share, top_share)};
+}
+
+template <typename V>
+struct DivergenceEntry {
+  V d, pi;
+};
+
+//: d_j and π_j of the form kForm (a Divergence code) at one entry, or one vector of entries
+template <int kForm, typename V, typename acc_t>
+KDFAST_HOST_DEVICE DivergenceEntry<V> divergence_entry(const DivergenceWeights<acc_t>& k, const V& p, const V& q,
+                                                       const V& log_p, const V& log_q) {
+  if constexpr (kForm == kDivForwardKL) {
+    return {zero_where_zero(q, q * (log_q - log_p)), V(0) - q};
+  } else if constexpr (kForm == kDivReverseKL) {
+    const V reverse = zero_where_zero(p, p * (log_p - log_q));
+    return {reverse, reverse};
+  } else if constexpr (kForm == kDivMixedKL) {
+    const V forward = zero_where_zero(q, q * (log_q - log_p));
+    const V reverse = V(k.rest) * zero_where_zero(p, p * (log_p - log_q));
+    return {V(k.w) * forward + reverse, reverse - V(k.w) * q};
+  } else if constexpr (kForm == kDivJSD) {
+    const Mixture<V> m = mixture(k, log_q, log_p);  // m = β·q + (1 − β)·p
+    const V student_part = V(k.rest) * zero_where_zero(p, p * (log_p - m.log_m));
+    return {V(k.w) * zero_where_zero(q, q * (log_q - m.log_m)) + student_part, student_part};
+  } else if constexpr (kForm == kDivTVD) {
+    // the sign from comparisons, not from p − q, which a compiler may contract into an fma with one
+    // side unrounded (nonzero at a tie); neither greater nor equal: a NaN, kept
+    const V sign = select_greater(p, q, V(1), select_greater(q, p, V(-1), select_equal(p, q, V(0), p + q)));
+    return {V(0.5) * abs_of(p - q), V(0.5) * p * sign};
+  } else if constexpr (kForm == kDivSkewForwardKL) {
+    const Mixture<V> m = mixture(k, log_q, log_p);  // m = α·q + (1 − α)·p; (1 − α)·p·q/m = q·share_y
+    return {zero_where_zero(q, q * (log_q - m.log_m)), V(0) - q * m.share_y};
+  } else {
+    static_assert(kForm == kDivSkewReverseKL, "unknown divergence form");
+    const Mixture<V> m = mixture(k, log_p, log_q);  // m = α·p + (1 − α)·q; α·p/m = share_x
+    const V log_ratio = log_p - m.log_m;
+    return {zero_where_zero(p, p * log_ratio), zero_where_zero(p, p * (log_ratio - m.share_x))};
+  }
+}
+
+//: the same with the form chosen at run time (uniform over a call, so no divergence between lanes)
+template <typename V, typename acc_t>
+KDFAST_HOST_DEVICE DivergenceEntry<V> divergence_entry(int form, const DivergenceWeights<acc_t>& k, const V& p,
+                                                       const V& q, const V& log_p, const V& log_q) {
+  switch (form) {
+    case kDivReverseKL: return divergence_entry<kDivReverseKL>(k, p, q, log_p, log_q);
+    case kDivMixedKL: return divergence_entry<kDivMixedKL>(k, p, q, log_p, log_q);
+    case kDivJSD: return divergence_entry<kDivJSD>(k, p, q, log_p, log_q);
+    case kDivTVD: return divergence_entry<kDivTVD>(k, p, q, log_p, log_q);
+    case kDivSkewForwardKL: return divergence_entry<kDivSkewForwardKL>(k, p, q, log_p, log_q);
+    case kDivSkewReverseKL: return divergence_entry<kDivSkewReverseKL>(k, p, q, log_p, log_q);
+    default: return divergence_entry<kDivForwardKL>(k, p, q, log_p, log_q);
+  }
+}
+
 // ---- row-softmax loss and gradient coefficients --------------------------------------------------
 
 template <typename acc_t>
@@ -157,7 +287,9 @@ struct RowSums {
   acc_t student_label = 0;                 // raw z_y (when a label is read)
   acc_t student_exp = 1;                   // Zs = Σ exp(scale/T·(z − max))       (KL term)
   acc_t teacher_exp = 1;                   // Zt = Σ exp(scale_t/T·(z^t − max^t)) (soft teacher)
-  acc_t kl_weighted = 0;                   // Σ kl_entry(e^t, l^t − l^s)/Zt in nats (soft teacher)
+  acc_t kl_weighted = 0;                   // Σ kl_entry(e^t, l^t − l^s)/Zt in nats (soft teacher, forward KL)
+  acc_t divergence = 0;                    // Σ d_j   (soft teacher, general_divergence)
+  acc_t divergence_pi = 0;                 // Σ π_j   (soft teacher, general_divergence)
   acc_t unit_exp = 1;                      // Z1 = Σ exp(scale·(z − max))          (CE/uniform, unless shared)
   acc_t teacher_label = 0;                 // raw z^t_y                            (partial teacher, re-weighting)
   acc_t rest_max = 0;                      // max_{c≠y} z^t_c                      (partial teacher)
@@ -178,7 +310,9 @@ struct RowCoefficients {
 // p = softmax(h)):
 //   ℓ = kl_w·KL(q ‖ p_T) + ce_w·w·(−log p_y) + u_w·(−mean_c log p_c)
 //   ∂ℓ/∂h = kl_w/T·(p_T − q) + ce_w·w·(p − e_y) + u_w·(p − 1/C)
-// soft teacher:    KL = Σ q·(l^t − l^s) + log(Zs/Zt), the first term being sums.kl_weighted
+// soft teacher:    KL = Σ q·(l^t − l^s) + log(Zs/Zt), the first term being sums.kl_weighted;
+//                  another divergence: ℓ gets kl_w·Σd, and ∂/∂h = kl_w/T·(π − p_T·Σπ) is this form
+//                  with the teacher's exp row replaced by π (ct = −kl_w/T, cs = −kl_w/T·Σπ/Zs)
 // partial teacher: q_y = ρ = σ_T(z^t)_y, q_c = (1 − ρ)/(C − 1) elsewhere; log(1 − ρ) comes from the
 //                  log-sum-exp over c ≠ y, never from 1 − ρ, so it stays accurate as ρ → 1
 // re-weighting:    detached w = 1 − α·(1 − ρ)/max(1 − p_y, eps), ρ from the raw teacher at T
@@ -189,7 +323,11 @@ KDFAST_HOST_DEVICE RowCoefficients<acc_t> row_coefficients(const RowSoftmaxFlags
   RowCoefficients<acc_t> c;
   const acc_t inv_t = 1 / p.temperature;
   const acc_t scale_t = s.scale * inv_t;
-  if (f.soft_teacher) {
+  if (f.soft_teacher && f.general_divergence) {
+    c.loss += p.kl_weight * sums.divergence;
+    c.cs = -p.kl_weight * inv_t * sums.divergence_pi / sums.student_exp;
+    c.ct = -p.kl_weight * inv_t;
+  } else if (f.soft_teacher) {
     c.loss += p.kl_weight * (sums.kl_weighted + log_of(sums.student_exp / sums.teacher_exp));
     c.cs = p.kl_weight * inv_t / sums.student_exp;
     c.ct = p.kl_weight * inv_t / sums.teacher_exp;
@@ -246,8 +384,9 @@ KDFAST_HOST_DEVICE RowCoefficients<acc_t> row_coefficients(const RowSoftmaxFlags
   return c;
 }
 
-// ∂ℓ/∂h at one entry (or one vector of entries) from its exps; kS, kT, k1 say which exp rows the
-// call has (a missing one is never read), and the label's own term is added by the caller at y.
+// ∂ℓ/∂h at one entry (or one vector of entries) from its exps (teacher_exp is π_j for a general
+// divergence); kS, kT, k1 say which exp rows the call has (a missing one is never read), and the
+// label's own term is added by the caller at y.
 template <bool kS, bool kT, bool k1, typename V, typename acc_t>
 KDFAST_HOST_DEVICE V logit_gradient(const RowCoefficients<acc_t>& c, const V& student_exp, const V& teacher_exp,
                                     const V& unit_exp) {

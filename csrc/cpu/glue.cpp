@@ -200,12 +200,12 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                int64_t teacher_mode, double kl_weight, double ce_weight,
                                                double uniform_weight, bool reweight, double reweight_alpha,
                                                double reweight_eps, int64_t ignore_index, bool compute_grad,
-                                               bool wide_grad) {
+                                               bool wide_grad, int64_t divergence, double divergence_param) {
   constexpr const char* op = "kdfast::row_softmax";
   glue::RowSoftmaxCall call = glue::prepare_row_softmax(op, student, teacher, target, normalize, multiplier, eps,
                                                         temperature, teacher_mode, kl_weight, ce_weight,
                                                         uniform_weight, reweight, reweight_alpha, reweight_eps,
-                                                        ignore_index);
+                                                        ignore_index, divergence, divergence_param);
   RowSoftmaxArgs& args = call.args;
   const int64_t rows = args.rows, classes = args.classes;
   auto [loss, grad] = glue::attach_outputs(

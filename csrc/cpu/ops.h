@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> row_softmax(const at::Tensor& student, const 
                                                int64_t teacher_mode, double kl_weight, double ce_weight,
                                                double uniform_weight, bool reweight, double reweight_alpha,
                                                double reweight_eps, int64_t ignore_index, bool compute_grad,
-                                               bool wide_grad);
+                                               bool wide_grad, int64_t divergence, double divergence_param);
 
 std::tuple<at::Tensor, at::Tensor> feature_centre(const at::Tensor& student, const at::Tensor& teacher,
                                                   const at::Tensor& target, const at::Tensor& centres, double eps,

@@ -7,8 +7,10 @@
 //   1. statistics: max and sum (and Σz² / Σ(z−μ)²) of the student and teacher rows;
 //   2. every normalisation is a positive affine map h = A·(z − μ), so softmax(h/T) only needs
 //      A/T and max z, and exp rows are written once into scratch together with their sums;
-//   3. loss and coefficients from the sums (row_coefficients), then g = ∂ℓ/∂h from the stored exps;
-//   4. the normalisation's backward, which is again affine: dz = A·g − k·(z − μ) − c.
+//   3. (a divergence other than the forward KL) one more pass over the stored exps for Σd and Σπ,
+//      leaving π in the teacher's exp row;
+//   4. loss and coefficients from the sums (row_coefficients), then g = ∂ℓ/∂h from the stored exps;
+//   5. the normalisation's backward, which is again affine: dz = A·g − k·(z − μ) − c.
 // Only the first pass reads from memory (the exp pass of the previous row has prefetched it) and
 // only the gradient store writes to it. Exps are 2^x in fp32 (ScaledExp in vec_helpers.h).
 //
@@ -40,9 +42,9 @@ RowStatistics<acc_t> row_statistics(const acc_t* z, int64_t n, int normalize, ac
   return s;
 }
 
-// bs = exp(as·(zs − ms)), bt = exp(at·(zt − mt)) and their sums, plus Σ kl_entry(bt, lt − ls)/Zt in
-// nats: KL(q‖p) = that + log(Zs/Zt).
-template <typename acc_t>
+// bs = exp(as·(zs − ms)), bt = exp(at·(zt − mt)) and their sums, plus (kWeighted: the forward KL)
+// Σ kl_entry(bt, lt − ls)/Zt in nats: KL(q‖p) = that + log(Zs/Zt).
+template <typename acc_t, bool kWeighted = true>
 void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms, acc_t at, acc_t mt,
                 acc_t* bs, acc_t* bt, acc_t& zs_sum, acc_t& zt_sum, acc_t& weighted, NextRowPrefetch& prefetch) {
   using Vec = Vectorized<acc_t>;
@@ -58,7 +60,7 @@ void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms,
     et.store(bt + i);
     vzs = vzs + es;
     vzt = vzt + et;
-    vw = vw + math::kl_entry(et, lt - ls);
+    if constexpr (kWeighted) vw = vw + math::kl_entry(et, lt - ls);
   }
   acc_t s_sum = horizontal_sum(vzs), t_sum = horizontal_sum(vzt), w = horizontal_sum(vw);
   for (; i < n; ++i) {
@@ -67,10 +69,11 @@ void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms,
     bt[i] = teacher_exp(lt);
     s_sum += bs[i];
     t_sum += bt[i];
-    w += math::kl_entry(bt[i], lt - ls);
+    if constexpr (kWeighted) w += math::kl_entry(bt[i], lt - ls);
   }
   zs_sum = s_sum;
   zt_sum = t_sum;
+  if constexpr (!kWeighted) return;
   weighted = w * ScaledExp<acc_t>::kNatsPerUnit / t_sum;
   if (!std::isfinite(weighted)) {
     // A base-2 log-argument, (z − max)·scale·log2 e, and the unnormalised sum overflow where the
@@ -82,6 +85,65 @@ void paired_exp(const acc_t* zs, const acc_t* zt, int64_t n, acc_t as, acc_t ms,
       nats += math::kl_entry(bt[j] * inv_sum, (zt[j] - mt) * at - (zs[j] - ms) * as);
     }
     weighted = nats;
+  }
+}
+
+// The divergence pass of a form other than the forward KL, after paired_exp (es, et, Zs, Zt): per
+// entry p = es/Zs, q = et/Zt, log p = as·(zs − ms) − log Zs, log q likewise (in nats, from the
+// logits: an underflowed p keeps its finite log, and no base-2 argument can overflow here), then
+// d and π (row_math.h, divergence_entry). Returns Σd and Σπ and overwrites et with π, which the
+// gradient pass reads in place of the teacher's exps.
+template <int kForm, typename acc_t>
+void divergence_pass(const math::DivergenceWeights<acc_t>& k, const acc_t* zs, const acc_t* zt, int64_t n, acc_t as,
+                     acc_t ms, acc_t at, acc_t mt, const acc_t* es, acc_t* et_then_pi, acc_t zs_sum, acc_t zt_sum,
+                     acc_t& d_sum, acc_t& pi_sum) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t inv_zs = 1 / zs_sum, inv_zt = 1 / zt_sum;
+  const acc_t log_zs = std::log(zs_sum), log_zt = std::log(zt_sum);
+  const Vec vas(as), vms(ms), vat(at), vmt(mt), vinv_zs(inv_zs), vinv_zt(inv_zt), vlog_zs(log_zs), vlog_zt(log_zt);
+  Vec vd(0), vpi(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec log_p = at::vec::fmsub(Vec::loadu(zs + i) - vms, vas, vlog_zs);
+    const Vec log_q = at::vec::fmsub(Vec::loadu(zt + i) - vmt, vat, vlog_zt);
+    const Vec p = Vec::loadu(es + i) * vinv_zs, q = Vec::loadu(et_then_pi + i) * vinv_zt;
+    const math::DivergenceEntry<Vec> e = math::divergence_entry<kForm>(k, p, q, log_p, log_q);
+    e.pi.store(et_then_pi + i);
+    vd = vd + e.d;
+    vpi = vpi + e.pi;
+  }
+  acc_t d = horizontal_sum(vd), pi = horizontal_sum(vpi);
+  for (; i < n; ++i) {
+    const acc_t log_p = (zs[i] - ms) * as - log_zs, log_q = (zt[i] - mt) * at - log_zt;
+    const math::DivergenceEntry<acc_t> e =
+        math::divergence_entry<kForm>(k, es[i] * inv_zs, et_then_pi[i] * inv_zt, log_p, log_q);
+    et_then_pi[i] = e.pi;
+    d += e.d;
+    pi += e.pi;
+  }
+  d_sum = d;
+  pi_sum = pi;
+}
+
+// Run-time form → its specialised loop (the form is fixed for a whole call).
+template <typename acc_t>
+void divergence_dispatch(int form, const math::DivergenceWeights<acc_t>& k, const acc_t* zs, const acc_t* zt,
+                         int64_t n, acc_t as, acc_t ms, acc_t at, acc_t mt, const acc_t* es, acc_t* et_then_pi,
+                         acc_t zs_sum, acc_t zt_sum, acc_t& d_sum, acc_t& pi_sum) {
+  switch (form) {
+#define KDFAST_DIVERGENCE_CASE(FORM)                                                                      \
+  case FORM:                                                                                              \
+    divergence_pass<FORM>(k, zs, zt, n, as, ms, at, mt, es, et_then_pi, zs_sum, zt_sum, d_sum, pi_sum);   \
+    return;
+    KDFAST_DIVERGENCE_CASE(kDivReverseKL)
+    KDFAST_DIVERGENCE_CASE(kDivMixedKL)
+    KDFAST_DIVERGENCE_CASE(kDivJSD)
+    KDFAST_DIVERGENCE_CASE(kDivTVD)
+    KDFAST_DIVERGENCE_CASE(kDivSkewForwardKL)
+    KDFAST_DIVERGENCE_CASE(kDivSkewReverseKL)
+#undef KDFAST_DIVERGENCE_CASE
+    default:  // the glue rejects other codes; never leave the sums unset
+      d_sum = pi_sum = std::numeric_limits<acc_t>::quiet_NaN();
   }
 }
 
@@ -197,6 +259,7 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
   const RowSoftmaxFlags f = row_softmax_flags(a);
   const math::RowSoftmaxScalars<acc_t> p = math::row_softmax_scalars<acc_t>(a);
   const acc_t inv_t = 1 / p.temperature;
+  const math::DivergenceWeights<acc_t> weights = math::divergence_weights<acc_t>(f.divergence, a.divergence_param);
   // Where g goes first: straight into the output when nothing follows it.
   constexpr bool kSameType = std::is_same_v<grad_t, acc_t>;
   const bool direct = !f.normalised && kSameType;
@@ -229,7 +292,14 @@ bool rows(const RowSoftmaxArgs& a, int64_t begin, int64_t end, void* scratch_byt
     if (f.uses_label) sums.student_label = zs[y];
     if (f.reads_teacher && f.uses_label) sums.teacher_label = zt[y];
 
-    if (f.soft_teacher) {
+    if (f.soft_teacher && f.general_divergence) {
+      const RowStatistics<acc_t> t = row_statistics(zt, n, f.normalize, p.kappa, p.eps);
+      const acc_t as = s.map.scale * inv_t, at = t.map.scale * inv_t;
+      paired_exp<acc_t, false>(zs, zt, n, as, s.max, at, t.max, exp_student, exp_teacher, sums.student_exp,
+                               sums.teacher_exp, sums.kl_weighted, next);
+      divergence_dispatch(f.divergence, weights, zs, zt, n, as, s.max, at, t.max, exp_student, exp_teacher,
+                          sums.student_exp, sums.teacher_exp, sums.divergence, sums.divergence_pi);
+    } else if (f.soft_teacher) {
       const RowStatistics<acc_t> t = row_statistics(zt, n, f.normalize, p.kappa, p.eps);
       paired_exp(zs, zt, n, s.map.scale * inv_t, s.max, t.map.scale * inv_t, t.max, exp_student, exp_teacher,
                  sums.student_exp, sums.teacher_exp, sums.kl_weighted, next);

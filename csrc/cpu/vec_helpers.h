@@ -280,13 +280,38 @@ inline acc_t sum_exp(const acc_t* x, int64_t n, acc_t scale, acc_t shift, acc_t*
 }  // namespace
 }  // namespace kdfast::cpu::CPU_CAPABILITY
 
-// The SIMD form of csrc/common/row_math.h's zero_where_zero (its scalar template is the rule; this
-// overload, declared before that header is included, lets the elementwise templates there run on
-// whole vectors): 0 in the lanes where `weight` is exactly 0, x elsewhere.
+// The SIMD forms of csrc/common/row_math.h's elementwise helpers (its scalar versions are the rule;
+// these overloads, declared before that header is included, let the elementwise templates there
+// run on whole vectors). zero_where_zero: 0 in the lanes where `weight` is exactly 0, x elsewhere.
 namespace kdfast::row_math {
 template <typename T>
 inline at::vec::Vectorized<T> zero_where_zero(const at::vec::Vectorized<T>& weight, const at::vec::Vectorized<T>& x) {
   using Vec = at::vec::Vectorized<T>;
   return Vec::blendv(x, Vec(0), weight == Vec(0));
+}
+template <typename T>
+inline at::vec::Vectorized<T> select_equal(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
+                                           const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
+  return at::vec::Vectorized<T>::blendv(y, x, a == b);
+}
+template <typename T>
+inline at::vec::Vectorized<T> select_greater(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
+                                             const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
+  return at::vec::Vectorized<T>::blendv(y, x, a > b);
+}
+template <typename T>
+inline at::vec::Vectorized<T> log_of(const at::vec::Vectorized<T>& x) { return x.log(); }
+template <typename T>
+inline at::vec::Vectorized<T> log1p_of(const at::vec::Vectorized<T>& x) { return x.log1p(); }
+template <typename T>
+inline at::vec::Vectorized<T> abs_of(const at::vec::Vectorized<T>& x) { return x.abs(); }
+//: e^x for x ≤ 0: fp32 through the softmax's own 2^x (results below 2^−126 flush to 0, as there)
+template <typename T>
+inline at::vec::Vectorized<T> exp_nonpositive(const at::vec::Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return kdfast::cpu::CPU_CAPABILITY::exp2_nonpositive(x * at::vec::Vectorized<float>(float(kdfast::cpu::CPU_CAPABILITY::kLog2e)));
+  } else {
+    return x.exp();
+  }
 }
 }  // namespace kdfast::row_math

@@ -15,7 +15,8 @@ from typing import Optional
 import torch  # before the extension: it needs libtorch's shared libraries loaded
 
 from .._build import load_cpu_extension
-from ._contract import GRAM_KIND_CODES, NO_IGNORE_INDEX, NORMALIZE_CODES, TEACHER_CODES, RowSoftmaxParams
+from ._contract import (DIVERGENCE_CODES, GRAM_KIND_CODES, NO_IGNORE_INDEX, NORMALIZE_CODES, TEACHER_CODES,
+                        RowSoftmaxParams)
 from ._fused import build_losses
 
 # The kernels register torch.ops.kdfast.*: the extension installed with the package, or the one
@@ -43,7 +44,7 @@ def _register_fakes(namespace: str = "kdfast") -> None:
     @torch.library.register_fake(f"{namespace}::row_softmax")
     def _row_softmax_fake(student, teacher, target, normalize, multiplier, eps, temperature, teacher_mode,
                           kl_weight, ce_weight, uniform_weight, reweight, reweight_alpha, reweight_eps,
-                          ignore_index, compute_grad=True, wide_grad=False):
+                          ignore_index, compute_grad=True, wide_grad=False, divergence=0, divergence_param=0.0):
         return (student.new_empty(student.shape[0], dtype=_loss_dtype(student.dtype)),
                 _gradient_fake(student, compute_grad, wide_grad))
 
@@ -71,7 +72,8 @@ def row_softmax(student: torch.Tensor, teacher: Optional[torch.Tensor], target: 
         student, teacher, target, NORMALIZE_CODES[params.normalize], float(params.multiplier), float(params.eps),
         float(params.temperature), TEACHER_CODES[params.teacher], float(params.kl_weight), float(params.ce_weight),
         float(params.uniform_weight), bool(params.reweight), float(params.reweight_alpha),
-        float(params.reweight_eps), int(params.ignore_index), bool(compute_grad), bool(wide_grad))
+        float(params.reweight_eps), int(params.ignore_index), bool(compute_grad), bool(wide_grad),
+        DIVERGENCE_CODES[params.divergence], float(params.divergence_param))
 
 
 def feature_centre(u: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor, centers: torch.Tensor,
