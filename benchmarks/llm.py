@@ -195,6 +195,7 @@ def _liger(inputs: Inputs, divergence: str, beta: float, options: dict):
     def loss():
         return module(inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden, inputs.teacher_weight,
                       target)
+    loss.compiles = compiled
     return loss, f"LigerFusedLinearJSDLoss(beta={beta}), chunks of {LIGER_CHUNK}, " + \
         ("torch.compile" if compiled else "eager")
 
@@ -217,6 +218,7 @@ def _torch_compile(inputs: Inputs, divergence: str, beta: float, options: dict):
 
     def loss():
         return compiled(inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden, inputs.teacher_weight)
+    loss.compiles = True
     return loss, "materialised logits, divergence in PyTorch, torch.compile"
 
 
@@ -328,21 +330,27 @@ def measure(build, inputs: Inputs, divergence: str, beta: float, options: dict, 
             fn().backward()
         else:
             fn()
+    # A provider that compiles warms up unprofiled (the compiler's own allocations are not the
+    # step's) and is profiled afterwards; the others are profiled in the warm-up itself (one step
+    # less: at the full shape one step takes tens of seconds on 2 cores).
+    profile_warm_up = memory and not getattr(fn, "compiles", False)
     try:
         with num_threads(threads):
             for tensor in inputs.trainable:
                 tensor.grad = None
             started = time.perf_counter()
-            step()  # warm-up: compiles, first-use builds
+            if profile_warm_up:
+                row.extra_mib = peak_step_bytes(step, device=device, live_bytes=0) / 2**20
+            else:
+                step()  # warm-up: compiles, first-use builds
             row.first_call_s = time.perf_counter() - started
         row.p50, row.p20, row.p80 = time_fn(step, device=device, threads=threads, min_run_time=min_run_time,
                                             grad_to_none=inputs.trainable)
-        if memory:
+        if memory and not profile_warm_up:
             for tensor in inputs.trainable:
                 tensor.grad = None
             with num_threads(threads):
-                peak = peak_step_bytes(step, device=device, live_bytes=0)
-            row.extra_mib = peak / 2**20
+                row.extra_mib = peak_step_bytes(step, device=device, live_bytes=0) / 2**20
     except Exception as error:  # one broken provider must not lose the others' results
         row.status = "failed"
         row.note = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
@@ -481,7 +489,7 @@ def main(argv=None) -> dict:
             "20th–80th percentiles of forward+backward (`benchmarks.timing.time_fn`); extra MiB: peak bytes "
             "allocated during one step on top of the inputs (`benchmarks.memory.peak_step_bytes`: torch "
             "profiler memory events on CPU), the student's gradients included; 1st call: the warm-up step "
-            "(compiles included). × GEMM floor / × kdfast: p50 over the p50 of `gemm-floor` / `kdfast` for "
+            "(compiles included; profiled, so the memory step, for the providers that do not compile). × GEMM floor / × kdfast: p50 over the p50 of `gemm-floor` / `kdfast` for "
             "the same divergence. `python -m benchmarks.llm --help` describes each provider.", "",
             *([f"**{args.comment}**", ""] if args.comment else []),
             markdown_table(header, lines), ""]))
