@@ -73,6 +73,34 @@ def _row_softmax_configs():
         configs.append((f"row_softmax/ce_unread_teacher/fp32/{'single' if single else 'streamed'}", signature,
                         dict(kernel_meta(params, True, True), FP64=False, SINGLE=single, BLOCK=block, s_col=1,
                              t_col=1, HAS_GRAD=True), row_warps(block)))
+    configs += _divergence_configs()
+    return configs
+
+
+def _divergence_configs():
+    """divergence_loss's forms other than forward KL (its own row above is kd's): bf16 single-block
+    and streamed (the extra Σπ pass), fp64 single for the softplus / sigmoid stages, one loss only."""
+    from kdfast.backends._contract import DIVERGENCE_CODES
+    from kdfast.backends._fused import row_softmax_params
+    from kdfast.backends.triton._common import STREAM_BLOCK, row_warps
+    from kdfast.backends.triton.rowsoftmax import kernel_meta
+
+    options = dict(temperature=2.0, alpha=0.5, reduction="sum", ignore_index=-100, t2_scaling=False, beta=0.5,
+                   skew_alpha=0.1, mixed_kl_weight=0.5)
+    configs = []
+    for divergence in DIVERGENCE_CODES:
+        if divergence == "forward_kl":
+            continue
+        meta = kernel_meta(row_softmax_params("divergence_loss", divergence=divergence, **options)[0], True, True)
+        assert meta["DIVERGENCE"] == DIVERGENCE_CODES[divergence]
+        cases = [("bf16", True, 1024, True), ("bf16", False, STREAM_BLOCK, True)]
+        if divergence in ("jsd", "skew_reverse_kl"):
+            cases += [("fp64", True, 1024, True), ("fp32", False, STREAM_BLOCK, False)]
+        for dtype, single, block, has_grad in cases:
+            label = f"row_softmax/{divergence}/{dtype}/{'single' if single else 'streamed'}"
+            configs.append((label + ("" if has_grad else "/loss_only"), _row_signature(dtype),
+                            dict(meta, FP64=dtype == "fp64", SINGLE=single, BLOCK=block, s_col=1, t_col=1, y_stride=1,
+                                 HAS_GRAD=has_grad), row_warps(block)))
     return configs
 
 
@@ -83,8 +111,9 @@ def _row_signature(dtype):
                      s_col="constexpr", t_row="i32", t_col="constexpr", y_stride="constexpr", g_row="i32")
     signature.update({name: "fp32" for name in ("kappa", "eps", "inv_t", "kl_w", "ce_w", "u_w", "rw_alpha", "rw_eps")})
     signature["ignore_index"] = "i64"  # NO_IGNORE_INDEX = −2^63 when the public ignore_index is None
+    signature["div_param"] = "fp32"
     for name in ("NORM", "NORM_T", "TEACHER", "HAS_CE", "HAS_UNIFORM", "REWEIGHT", "HAS_TARGET", "HAS_TEACHER",
-                 "FP64", "SINGLE", "BLOCK", "HAS_GRAD"):
+                 "FP64", "SINGLE", "BLOCK", "HAS_GRAD", "DIVERGENCE"):
         signature[name] = "constexpr"
     return signature
 
