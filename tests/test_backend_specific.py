@@ -172,6 +172,102 @@ def test_every_instruction_set_build_agrees():
             close(a, b, 1e-5 if a.dtype != torch.bfloat16 else 1e-2, f"{name} vs default")
 
 
+#: every divergence code of the CPU op with an inner weight where the form has one
+DIVERGENCE_FORMS = [("reverse_kl", 1, 0.0), ("mixed_kl", 2, 0.3), ("jsd", 3, 0.4), ("tvd", 4, 0.0),
+                    ("skew_forward_kl", 5, 0.2), ("skew_reverse_kl", 6, 0.3)]
+
+
+@needs_cpu
+def test_divergence_options_are_checked_by_the_cpu_op():
+    """A bad code, a weight outside (0, 1) for a weighted form, and a non-softmax teacher are errors
+    naming the argument, not silent garbage."""
+    s, t, _ = row_inputs((2, 7))
+    base = [s, t, None, 0, 1.0, 1e-7, 1.0, 1, 1.0, 0.0, 0.0, False, 0.0, 1e-6, -100, True, False]
+    for code in (-1, 7):
+        with pytest.raises(RuntimeError, match=f"unknown divergence code {code}"):
+            torch.ops.kdfast.row_softmax(*base, code, 0.0)
+    for code in (2, 3, 5, 6):
+        for param in (0.0, 1.0, -0.5, 1.5, float("nan")):
+            with pytest.raises(RuntimeError, match="divergence_param must lie strictly inside"):
+                torch.ops.kdfast.row_softmax(*base, code, param)
+    partial = list(base)
+    partial[2], partial[7] = torch.zeros(2, dtype=torch.long), 2
+    with pytest.raises(RuntimeError, match="needs the softmax teacher"):
+        torch.ops.kdfast.row_softmax(*partial, 1, 0.0)
+    # defaults: the forward KL, as before the arguments existed
+    assert torch.equal(torch.ops.kdfast.row_softmax(*base)[1], torch.ops.kdfast.row_softmax(*base, 0, 0.0)[1])
+
+
+@needs_cpu
+@pytest.mark.parametrize("temperature", [1.0, 2.0], ids=["T1-shared-exp-row", "T2"])
+@pytest.mark.parametrize("form", DIVERGENCE_FORMS, ids=[form[0] for form in DIVERGENCE_FORMS])
+def test_divergence_with_normalisation_and_ce(form, temperature):
+    """Paths the public losses do not reach: a general divergence under SKD's layernorm map with a
+    CE term (at T = 1 the CE shares the KL's exp row), against float64 autograd of the composition."""
+    from kdfast.backends import cpu
+    from kdfast.backends._contract import RowSoftmaxParams
+    from kdfast.reference.divergence import divergence_rows
+
+    name, _, weight = form
+    student, teacher, target = row_inputs((4, 45), torch.float64)
+    kappa, eps, kl_w, ce_w = 2.0, 1e-7, 1.7, 0.4
+    params = RowSoftmaxParams(normalize="layernorm", multiplier=kappa, eps=eps, temperature=temperature,
+                              teacher="softmax", kl_weight=kl_w, ce_weight=ce_w, divergence=name,
+                              divergence_param=weight)
+    loss, grad = cpu.row_softmax(student, teacher, target, params)
+
+    def layernorm(z):
+        return kappa * (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + eps)
+
+    x = student.clone().requires_grad_()
+    h, ht = layernorm(x), layernorm(teacher)
+    weights = dict(mixed_kl_weight=weight, beta=weight, skew_alpha=weight)
+    div = divergence_rows(torch.log_softmax(h / temperature, -1), torch.log_softmax(ht / temperature, -1), name,
+                          **weights)
+    valid = target != -100
+    ce = -torch.log_softmax(h, -1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    want = torch.where(valid, kl_w * div + ce_w * ce, torch.zeros_like(div))
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    close(loss, want.detach(), 1e-10, f"{name} loss")
+    close(grad, want_grad, 1e-10, f"{name} grad")
+
+
+@needs_cpu
+def test_every_instruction_set_build_agrees_on_divergences():
+    """The divergence pass's SIMD loops (and their scalar tails: 1003 columns) in every build this CPU
+    can run, with masked entries on either side, against the portable build."""
+    script = (
+        "import math, torch\n"
+        "from kdfast.backends import cpu\n"
+        "from kdfast.backends._contract import RowSoftmaxParams\n"
+        "g = torch.Generator().manual_seed(2)\n"
+        "s, t = torch.randn(3, 1003, generator=g) * 3, torch.randn(3, 1003, generator=g) * 3\n"
+        "s[0, 990:] = -math.inf\n"
+        "t[1, 5:400] = -math.inf\n"
+        "out = []\n"
+        f"for name, _, w in {[(f[0], f[1], f[2]) for f in DIVERGENCE_FORMS]!r}:\n"
+        "    p = RowSoftmaxParams(teacher='softmax', temperature=1.5, kl_weight=2.0, divergence=name,"
+        " divergence_param=w)\n"
+        "    out += list(cpu.row_softmax(s, t, None, p))\n"
+        "    out += list(cpu.row_softmax(s.bfloat16(), t.bfloat16(), None, p))\n"
+        "torch.save((cpu.capability(), out), __import__('sys').argv[1])\n"
+    )
+    results = {}
+    for requested in ("default", "avx2", "avx512"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kdfast_isa_div_{os.getpid()}_{requested}.pt")
+        env = dict(os.environ, KDFAST_CPU_CAPABILITY=requested)
+        subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
+        name, values = torch.load(path)
+        os.remove(path)
+        results[name] = values
+    first = results["default"]
+    for name, values in results.items():
+        for a, b in zip(values, first):
+            assert torch.equal(a.isinf(), b.isinf()) and torch.equal(a.isnan(), b.isnan()), f"{name}: special values"
+            finite = torch.isfinite(b)
+            close(a[finite], b[finite], 1e-5 if a.dtype != torch.bfloat16 else 1e-2, f"{name} vs default")
+
+
 @needs_cpu
 def test_torch_compile_has_no_graph_break():
     """A step calling the public ops with backend="cpu" (kernel ops, their fake implementations, the

@@ -1,6 +1,6 @@
 // The row-softmax family on CUDA: the per-row math is csrc/common/row_math.h (the same functions
-// as the CPU kernels): statistics → exp sums → loss and gradient coefficients → gradient
-// (→ normalisation backward). Exps are recomputed in the gradient pass rather than stored: on a
+// as the CPU kernels): statistics → exp sums (→ divergence sums) → loss and gradient coefficients
+// → gradient (→ normalisation backward). Exps are recomputed in the gradient pass rather than stored: on a
 // GPU the passes are bound by memory, not by exp.
 //
 // Three launch shapes, chosen by the number of classes C (see launch_row_softmax):
@@ -38,11 +38,14 @@ struct Params {
   int64_t ignore_index;
   RowSoftmaxFlags flags;
   math::RowSoftmaxScalars<acc_t> scalars;
+  math::DivergenceWeights<acc_t> divergence;  // a general divergence's weights (row_math.h)
 };
 
 template <typename acc_t>
 Params<acc_t> make_params(const RowSoftmaxArgs& a) {
-  return {a.classes, a.ignore_index, row_softmax_flags(a), math::row_softmax_scalars<acc_t>(a)};
+  const RowSoftmaxFlags flags = row_softmax_flags(a);
+  return {a.classes, a.ignore_index, flags, math::row_softmax_scalars<acc_t>(a),
+          math::divergence_weights<acc_t>(flags.divergence, a.divergence_param)};
 }
 
 // A row's raw max and sum and its normalisation map.
@@ -86,11 +89,22 @@ __device__ void row_statistics(const S* zs, const S* zt, const Params<acc_t>& p,
 // Loss and gradient of one row: `zs`, `zt` are its student and teacher rows (global memory of type
 // T, or shared memory already widened to acc_t); `grad_row` is global. Every thread of the group
 // calls this with the same row; the exps are recomputed in each pass rather than stored.
-template <bool kWarpGroup, typename S, typename T, typename acc_t>
+// kGeneral: the call's soft teacher has a divergence other than the forward KL (flags.general_divergence).
+// A compile-time mode, so the other modes' kernels (the classic KD's among them) are the code and
+// register counts they were without it: its per-entry math inlined into every unrolled step would
+// otherwise raise them.
+template <bool kWarpGroup, bool kGeneral, typename S, typename T, typename acc_t>
 __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<acc_t>& p, T* grad_row, acc_t* loss_out,
                             int lane, int lanes, acc_t* shared) {
   const int64_t n = p.n;
-  const RowSoftmaxFlags& f = p.flags;
+  // the flags with what kGeneral fixes made compile-time constants (row_coefficients sees them too)
+  RowSoftmaxFlags f = p.flags;
+  f.general_divergence = kGeneral;
+  if constexpr (kGeneral) {
+    f.kl = f.soft_teacher = true;
+    f.partial_teacher = false;
+  }
+  const bool soft_teacher = f.soft_teacher, partial_teacher = f.partial_teacher;
   RowStatistics<acc_t> s, t;
   row_statistics<kWarpGroup>(zs, f.reads_teacher ? zt : nullptr, p, lane, lanes, shared, s, t);
   const acc_t inv_t = 1 / p.scalars.temperature;
@@ -106,7 +120,7 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
     sums.student_label = to_acc(zs[y]);
     if (f.reads_teacher) sums.teacher_label = to_acc(zt[y]);
   }
-  if (f.partial_teacher) {
+  if (partial_teacher) {
     acc_t rest_max[1] = {-INFINITY};
     for_each_pair(zt, static_cast<const S*>(nullptr), n, lane, lanes, [&](int64_t i, acc_t b, acc_t) {
       if (i != y) rest_max[0] = fmax(rest_max[0], b);
@@ -121,14 +135,14 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
   for_each_pair(zs, f.reads_teacher ? zt : nullptr, n, lane, lanes, [&](int64_t i, acc_t a, acc_t b) {
     const acc_t ls = (a - s.max) * scale_t;
     if (f.kl) exps[0] += exp_acc(ls);
-    if (f.soft_teacher) {
+    if (soft_teacher) {
       const acc_t lt = (b - t.max) * teacher_scale_t;
       const acc_t et = exp_acc(lt);
       exps[1] += et;
-      exps[2] += math::kl_entry(et, lt - ls);
+      if constexpr (!kGeneral) exps[2] += math::kl_entry(et, lt - ls);
     }
     if (separate_unit) exps[3] += exp_acc((a - s.max) * s.map.scale);
-    if (f.partial_teacher && i != y) exps[4] += exp_acc((b - rest_shift) * inv_t);
+    if (partial_teacher && i != y) exps[4] += exp_acc((b - rest_shift) * inv_t);
     if (f.reweight) exps[5] += exp_acc((b - t.max) * inv_t);
   });
   group_reduce<kWarpGroup, false>(exps, shared);
@@ -138,18 +152,46 @@ __device__ void process_row(const S* zs, const S* zt, int64_t y, const Params<ac
   sums.unit_exp = exps[3];
   sums.rest_exp = exps[4];
   sums.raw_teacher_exp = exps[5];
+
+  // A divergence other than the forward KL: d_j and π_j from p = es/Zs, q = et/Zt and their logs
+  // (taken from the log-arguments, so an underflowed p keeps its finite log); one more pass for
+  // Σd and Σπ, and π recomputed in the gradient pass, where it takes the teacher exp's place.
+  const acc_t inv_zs = 1 / sums.student_exp, inv_zt = 1 / sums.teacher_exp;
+  const acc_t log_zs = kGeneral ? log_acc(sums.student_exp) : acc_t(0);
+  const acc_t log_zt = kGeneral ? log_acc(sums.teacher_exp) : acc_t(0);
+  auto divergence = [&](acc_t a, acc_t b) {
+    const acc_t ls = (a - s.max) * scale_t, lt = (b - t.max) * teacher_scale_t;
+    return math::divergence_entry(f.divergence, p.divergence, exp_acc(ls) * inv_zs, exp_acc(lt) * inv_zt,
+                                  ls - log_zs, lt - log_zt);
+  };
+  if constexpr (kGeneral) {
+    acc_t terms[2] = {0, 0};  // Σd, Σπ
+    for_each_pair(zs, zt, n, lane, lanes, [&](int64_t, acc_t a, acc_t b) {
+      const math::DivergenceEntry<acc_t> e = divergence(a, b);
+      terms[0] += e.d;
+      terms[1] += e.pi;
+    });
+    group_reduce<kWarpGroup, false>(terms, shared);
+    sums.divergence = terms[0];
+    sums.divergence_pi = terms[1];
+  }
   const math::RowCoefficients<acc_t> c = math::row_coefficients(f, p.scalars, s.map, n, sums);
   if (lane == 0) *loss_out = c.loss;
   if (grad_row == nullptr) return;  // the loss only
 
   auto gradient = [&](int64_t i, acc_t a, acc_t b) {
     const acc_t es = f.kl ? exp_acc((a - s.max) * scale_t) : acc_t(0);
-    const acc_t et = f.soft_teacher ? exp_acc((b - t.max) * teacher_scale_t) : acc_t(0);
+    acc_t et = 0;
+    if constexpr (kGeneral) {
+      et = divergence(a, b).pi;
+    } else if (f.soft_teacher) {
+      et = exp_acc((b - t.max) * teacher_scale_t);
+    }
     const acc_t e1 = separate_unit ? exp_acc((a - s.max) * s.map.scale) : acc_t(0);
     const acc_t g = math::logit_gradient<true, true, true>(c, es, et, e1);
     return i == y ? g + c.at_label : g;
   };
-  const S* teacher_for_grad = f.soft_teacher ? zt : nullptr;
+  const S* teacher_for_grad = soft_teacher ? zt : nullptr;
   if (!f.normalised) {
     for_each_pair(zs, teacher_for_grad, n, lane, lanes,
                   [&](int64_t i, acc_t a, acc_t b) { grad_row[i] = from_acc<T>(gradient(i, a, b)); });
@@ -183,8 +225,8 @@ __device__ __forceinline__ bool skipped_row(const RowSoftmaxArgs& a, const Param
   return true;
 }
 
-// One warp per row (T: input, G: gradient element type).
-template <typename T, typename G>
+// One warp per row (T: input, G: gradient element type; kGeneral as process_row's).
+template <typename T, typename G, bool kGeneral>
 __global__ void warp_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
   using acc_t = acc_t_of<T>;
   const int lane = threadIdx.x % kWarpSize;
@@ -198,14 +240,14 @@ __global__ void warp_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
     const int64_t offset = row * p.n;
     int64_t y;
     if (skipped_row<T, G>(a, p, row, lane, kWarpSize, y)) continue;
-    process_row<true>(student + offset, teacher != nullptr ? teacher + offset : nullptr, y, p,
+    process_row<true, kGeneral>(student + offset, teacher != nullptr ? teacher + offset : nullptr, y, p,
                       grad != nullptr ? grad + offset : nullptr,
                       loss + row, lane, kWarpSize, static_cast<acc_t*>(nullptr));
   }
 }
 
 // One block per row; kStage: widen the rows into shared memory once, then every pass reads there.
-template <typename T, typename G, bool kStage>
+template <typename T, typename G, bool kStage, bool kGeneral>
 __global__ void block_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
   using acc_t = acc_t_of<T>;
   extern __shared__ unsigned char dynamic_shared[];
@@ -231,22 +273,31 @@ __global__ void block_rows_kernel(RowSoftmaxArgs a, Params<acc_t_of<T>> p) {
         if (zt_shared != nullptr) zt_shared[i] = t;
       });
       __syncthreads();
-      process_row<false>(static_cast<const acc_t*>(zs_shared), static_cast<const acc_t*>(zt_shared), y, p,
+      process_row<false, kGeneral>(static_cast<const acc_t*>(zs_shared), static_cast<const acc_t*>(zt_shared), y, p,
                          grad_row, loss + row, lane, lanes, reduction);
     } else {
-      process_row<false>(student + offset, zt, y, p, grad_row, loss + row, lane, lanes, reduction);
+      process_row<false, kGeneral>(student + offset, zt, y, p, grad_row, loss + row, lane, lanes, reduction);
     }
   }
 }
 
-template <typename T, typename G>
-cudaError_t launch(const RowSoftmaxArgs& a, cudaStream_t stream) {
+// Threads per block of a block-per-row kernel: kRowBlockThreads, or fewer whole warps where its
+// registers per thread would not let that many share an SM and the launch would fail (fp64 rows
+// with a general divergence, on some architectures). The reductions work for any whole warps.
+template <typename Kernel>
+cudaError_t block_threads(Kernel kernel, int& threads) {
+  cudaFuncAttributes attributes{};
+  const cudaError_t error = cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel));
+  threads = std::min(kRowBlockThreads, attributes.maxThreadsPerBlock / kWarpSize * kWarpSize);
+  return error;
+}
+
+template <typename T, typename G, bool kGeneral>
+cudaError_t launch_mode(const RowSoftmaxArgs& a, const Params<acc_t_of<T>>& p, cudaStream_t stream) {
   using acc_t = acc_t_of<T>;
-  if (a.rows == 0) return cudaSuccess;
-  const Params<acc_t> p = make_params<acc_t>(a);
   if (a.classes <= kWarpRowMaxClasses) {
     const int64_t blocks = std::min<int64_t>((a.rows + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGridRows);
-    warp_rows_kernel<T, G><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(a, p);
+    warp_rows_kernel<T, G, kGeneral><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(a, p);
     return cudaGetLastError();
   }
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(a.rows, kMaxGridRows));
@@ -258,15 +309,27 @@ cudaError_t launch(const RowSoftmaxArgs& a, cudaStream_t stream) {
   if (error != cudaSuccess) return error;
   // leave room for the static reduction buffer
   const int64_t budget = static_cast<int64_t>(optin) - static_cast<int64_t>(8 * kMaxWarps * sizeof(acc_t));
+  int threads = kRowBlockThreads;  // what the other modes' kernels always fit (≤ 128 registers)
   if (staged_bytes <= budget) {
-    error = cudaFuncSetAttribute(block_rows_kernel<T, G, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(staged_bytes));
+    const auto kernel = block_rows_kernel<T, G, true, kGeneral>;
+    error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(staged_bytes));
+    if (kGeneral && error == cudaSuccess) error = block_threads(kernel, threads);
     if (error != cudaSuccess) return error;
-    block_rows_kernel<T, G, true><<<blocks, kRowBlockThreads, static_cast<size_t>(staged_bytes), stream>>>(a, p);
+    kernel<<<blocks, threads, static_cast<size_t>(staged_bytes), stream>>>(a, p);
   } else {
-    block_rows_kernel<T, G, false><<<blocks, kRowBlockThreads, 0, stream>>>(a, p);
+    const auto kernel = block_rows_kernel<T, G, false, kGeneral>;
+    if (kGeneral) error = block_threads(kernel, threads);
+    if (error != cudaSuccess) return error;
+    kernel<<<blocks, threads, 0, stream>>>(a, p);
   }
   return cudaGetLastError();
+}
+
+template <typename T, typename G>
+cudaError_t launch(const RowSoftmaxArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  const Params<acc_t_of<T>> p = make_params<acc_t_of<T>>(a);
+  return p.flags.general_divergence ? launch_mode<T, G, true>(a, p, stream) : launch_mode<T, G, false>(a, p, stream);
 }
 
 }  // namespace
