@@ -30,11 +30,6 @@ KDFAST_HOST_DEVICE float exp_of(float x) { return expf(x); }
 KDFAST_HOST_DEVICE double exp_of(double x) { return exp(x); }
 KDFAST_HOST_DEVICE float log_of(float x) { return logf(x); }
 KDFAST_HOST_DEVICE double log_of(double x) { return log(x); }
-KDFAST_HOST_DEVICE float log1p_of(float x) { return log1pf(x); }
-KDFAST_HOST_DEVICE double log1p_of(double x) { return log1p(x); }
-//: e^x for x ≤ 0 (the CPU's SIMD overload uses a faster exp that is only valid there)
-KDFAST_HOST_DEVICE float exp_nonpositive(float x) { return expf(x); }
-KDFAST_HOST_DEVICE double exp_nonpositive(double x) { return exp(x); }
 KDFAST_HOST_DEVICE float abs_of(float x) { return fabsf(x); }
 KDFAST_HOST_DEVICE double abs_of(double x) { return fabs(x); }
 
@@ -174,41 +169,29 @@ KDFAST_HOST_DEVICE V normalised_gradient(const V& g, const V& z, const Normalisa
 // A NaN in p, q or their logs reaches d or π in at least one entry of the row, so the row's Σd and
 // Σπ, hence its loss and every gradient entry, are NaN.
 
-//: the form's weight w (w·x + (1 − w)·y mixtures, mixed KL's forward weight) and its logs
+//: the form's weight w (w·x + (1 − w)·y mixtures, mixed KL's forward weight)
 template <typename acc_t>
 struct DivergenceWeights {
-  acc_t w = 0, rest = 1;     // w, 1 − w
-  acc_t log_w = 0, log_rest = 0;
+  acc_t w = 0, rest = 1;  // w, 1 − w
 };
 
 template <typename acc_t>
 KDFAST_HOST_DEVICE DivergenceWeights<acc_t> divergence_weights(int form, double param) {
   DivergenceWeights<acc_t> k;
   if (form == kDivMixedKL || form == kDivJSD || form == kDivSkewForwardKL || form == kDivSkewReverseKL) {
-    // the glue keeps param inside (0, 1), so both logs are finite
-    k = {acc_t(param), acc_t(1 - param), acc_t(log(param)), acc_t(log1p(-param))};
+    k = {acc_t(param), acc_t(1 - param)};  // the glue keeps param strictly inside (0, 1)
   }
   return k;
 }
 
-// m = w·x + (1 − w)·y from log x and log y, as logaddexp(log w + log x, log(1 − w) + log y), with
-// the two components' shares of m: share_x = w·x/m, share_y = (1 − w)·y/m (they sum to 1 and come
-// from the same exp, so the ratios cost no further exp or division by a tiny m).
-template <typename V>
-struct Mixture {
-  V log_m, share_x, share_y;
-};
-
+// The mixture m = w·x + (1 − w)·y, formed from x and y themselves: the same value as
+// exp(logaddexp(log w + log x, log(1 − w) + log y)) to a few ulp wherever m is a normal number, for
+// one log per entry instead of an exp, a log1p and a division. Where m is subnormal or 0 (both x and
+// y underflowed or masked) every term that uses it is weighted by x or y ≤ m/min(w, 1 − w), so it
+// is below the accumulation's resolution, or is dropped by its x == 0 select.
 template <typename V, typename acc_t>
-KDFAST_HOST_DEVICE Mixture<V> mixture(const DivergenceWeights<acc_t>& k, const V& log_x, const V& log_y) {
-  const V a = V(k.log_w) + log_x, b = V(k.log_rest) + log_y;
-  // a NaN lands in `low` (a) or `top` (b), and from there in log m
-  const V top = select_greater(a, b, a, b), low = select_greater(a, b, b, a);
-  // both −inf (x = y = 0): any finite stand-in; every term there is dropped by its x == 0 select
-  const V shift = select_equal(top, V(negative_infinity<acc_t>()), V(0), top);
-  const V t = exp_nonpositive(low - shift);  // in [0, 1]
-  const V top_share = V(1) / (V(1) + t), low_share = t * top_share;
-  return {shift + log1p_of(t), select_greater(a, b, top_share, low_share), select_greater(a, b, low_share, top_share)};
+KDFAST_HOST_DEVICE V mixture(const DivergenceWeights<acc_t>& k, const V& x, const V& y) {
+  return V(k.w) * x + V(k.rest) * y;
 }
 
 template <typename V>
@@ -230,22 +213,23 @@ KDFAST_HOST_DEVICE DivergenceEntry<V> divergence_entry(const DivergenceWeights<a
     const V reverse = V(k.rest) * zero_where_zero(p, p * (log_p - log_q));
     return {V(k.w) * forward + reverse, reverse - V(k.w) * q};
   } else if constexpr (kForm == kDivJSD) {
-    const Mixture<V> m = mixture(k, log_q, log_p);  // m = β·q + (1 − β)·p
-    const V student_part = V(k.rest) * zero_where_zero(p, p * (log_p - m.log_m));
-    return {V(k.w) * zero_where_zero(q, q * (log_q - m.log_m)) + student_part, student_part};
+    const V log_m = log_of(mixture(k, q, p));  // m = β·q + (1 − β)·p
+    const V student_part = V(k.rest) * zero_where_zero(p, p * (log_p - log_m));
+    return {V(k.w) * zero_where_zero(q, q * (log_q - log_m)) + student_part, student_part};
   } else if constexpr (kForm == kDivTVD) {
     // the sign from comparisons, not from p − q, which a compiler may contract into an fma with one
     // side unrounded (nonzero at a tie); neither greater nor equal: a NaN, kept
     const V sign = select_greater(p, q, V(1), select_greater(q, p, V(-1), select_equal(p, q, V(0), p + q)));
     return {V(0.5) * abs_of(p - q), V(0.5) * p * sign};
   } else if constexpr (kForm == kDivSkewForwardKL) {
-    const Mixture<V> m = mixture(k, log_q, log_p);  // m = α·q + (1 − α)·p; (1 − α)·p·q/m = q·share_y
-    return {zero_where_zero(q, q * (log_q - m.log_m)), V(0) - q * m.share_y};
+    const V m = mixture(k, q, p);  // α·q + (1 − α)·p
+    const V terms = zero_where_zero(q, q * (log_q - log_of(m)));
+    return {terms, V(0) - zero_where_zero(q, q * (V(k.rest) * p / m))};
   } else {
     static_assert(kForm == kDivSkewReverseKL, "unknown divergence form");
-    const Mixture<V> m = mixture(k, log_p, log_q);  // m = α·p + (1 − α)·q; α·p/m = share_x
-    const V log_ratio = log_p - m.log_m;
-    return {zero_where_zero(p, p * log_ratio), zero_where_zero(p, p * (log_ratio - m.share_x))};
+    const V m = mixture(k, p, q);  // α·p + (1 − α)·q
+    const V log_ratio = log_p - log_of(m);
+    return {zero_where_zero(p, p * log_ratio), zero_where_zero(p, p * (log_ratio - V(k.w) * p / m))};
   }
 }
 

@@ -112,6 +112,40 @@ struct ScaledExp {
   acc_t slope_, shift_;
 };
 
+// ln x in fp32 for x ≥ 0, about 1 ulp for normal x, with no division (Sleef's logf has one, and the
+// divergence pass takes a log of every entry): x = 2^e·f with f in [√½, √2), t = f − 1, and
+// ln x = e·ln 2 + t − t²/2 + t³·P(t) with Cephes' degree-8 P for logf; ln 2 split in two so e·ln 2
+// adds no rounding. 0 → −inf, NaN and +inf stay; a subnormal x is read as the smallest normal
+// number (its callers weight such a log by a value of that size, far below their sums' resolution).
+inline Vectorized<float> log_nonnegative(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  using IntVec = Vectorized<int32_t>;
+  const IntVec bits = at::vec::cast<int32_t>(at::vec::maximum(x, Vec(std::numeric_limits<float>::min())));
+  Vec f = at::vec::cast<float>((bits & IntVec(0x007fffff)) | IntVec(0x3f800000));  // [1, 2)
+  // the biased exponent read as a float: 2^23 + k, minus 2^23 + 127
+  Vec e = at::vec::cast<float>((bits >> IntVec(23)) | IntVec(0x4b000000)) - Vec(8388608.0f + 127.0f);
+  const Vec high = f > Vec(1.41421356237f);
+  f = Vec::blendv(f, f * Vec(0.5f), high);
+  e = e + Vec::blendv(Vec(0.0f), Vec(1.0f), high);
+  const Vec t = f - Vec(1.0f);
+  const Vec z = t * t, z2 = z * z;
+  // P(t) = Σ c_k t^k by Estrin's scheme: 4 dependent FMAs instead of Horner's 8 (the pass is bound
+  // by this chain's latency, not by its throughput)
+  const Vec c01 = at::vec::fmadd(Vec(-2.4999993993e-1f), t, Vec(3.3333331174e-1f));
+  const Vec c23 = at::vec::fmadd(Vec(-1.6668057665e-1f), t, Vec(2.0000714765e-1f));
+  const Vec c45 = at::vec::fmadd(Vec(-1.2420140846e-1f), t, Vec(1.4249322787e-1f));
+  const Vec c67 = at::vec::fmadd(Vec(-1.1514610310e-1f), t, Vec(1.1676998740e-1f));
+  const Vec c03 = at::vec::fmadd(c23, z, c01), c47 = at::vec::fmadd(c67, z, c45);
+  const Vec c48 = at::vec::fmadd(Vec(7.0376836292e-2f), z2, c47);
+  const Vec p = at::vec::fmadd(c48, z2, c03);
+  Vec y = at::vec::fmadd(e, Vec(-2.12194440e-4f), p * t * z);
+  y = at::vec::fmadd(z, Vec(-0.5f), y);
+  Vec r = at::vec::fmadd(e, Vec(0.693359375f), t + y);
+  r = Vec::blendv(r, Vec(-std::numeric_limits<float>::infinity()), x == Vec(0.0f));
+  // NaN (x ≠ x) and +inf are their own logs
+  return Vec::blendv(r, x, (x != x) | (x == Vec(std::numeric_limits<float>::infinity())));
+}
+
 // A row in accumulation precision: the input itself when it already is, else widened into buffer.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* widen_row(const scalar_t* src, int64_t n, acc_t* buffer) {
@@ -299,19 +333,15 @@ inline at::vec::Vectorized<T> select_greater(const at::vec::Vectorized<T>& a, co
                                              const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
   return at::vec::Vectorized<T>::blendv(y, x, a > b);
 }
+//: fp32: log_nonnegative below (the divergence pass's one log per entry); fp64: ATen's (Sleef)
 template <typename T>
-inline at::vec::Vectorized<T> log_of(const at::vec::Vectorized<T>& x) { return x.log(); }
-template <typename T>
-inline at::vec::Vectorized<T> log1p_of(const at::vec::Vectorized<T>& x) { return x.log1p(); }
-template <typename T>
-inline at::vec::Vectorized<T> abs_of(const at::vec::Vectorized<T>& x) { return x.abs(); }
-//: e^x for x ≤ 0: fp32 through the softmax's own 2^x (results below 2^−126 flush to 0, as there)
-template <typename T>
-inline at::vec::Vectorized<T> exp_nonpositive(const at::vec::Vectorized<T>& x) {
+inline at::vec::Vectorized<T> log_of(const at::vec::Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
-    return kdfast::cpu::CPU_CAPABILITY::exp2_nonpositive(x * at::vec::Vectorized<float>(float(kdfast::cpu::CPU_CAPABILITY::kLog2e)));
+    return kdfast::cpu::CPU_CAPABILITY::log_nonnegative(x);
   } else {
-    return x.exp();
+    return x.log();
   }
 }
+template <typename T>
+inline at::vec::Vectorized<T> abs_of(const at::vec::Vectorized<T>& x) { return x.abs(); }
 }  // namespace kdfast::row_math
