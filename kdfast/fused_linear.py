@@ -42,9 +42,15 @@ REDUCTIONS = ("sum", "mean", "batchmean")
 
 
 #: fewer rows than this make the per-chunk GEMMs (especially the weight gradient, whose inner
-#: dimension is the chunk) run well below the machine's matmul rate; measured on CPU, 2026-11-22:
-#: N=1024, H=256, V=8192 fp32 took 250 ms with 32-row chunks and 170 ms with 128–2048
-MIN_CHUNK_ROWS = 256
+#: dimension is the chunk) run below the machine's matmul rate; measured on CPU (2 threads):
+#: N=1024, H=256, V=8192 fp32 took 250 ms with 32-row chunks and 170 ms with 128–2048 (2026-11-22);
+#: N=4096, H=1024, V=32000 forward KL took 8.98 s with 256-row chunks, 7.68 s with 512 and 7.92 s
+#: with 1024, against 7.62 s for its four unchunked GEMMs (2026-12-07)
+MIN_CHUNK_ROWS = 512
+
+#: rows per row-kernel call inside a chunk: the kernel's gradient output is this many rows, not a
+#: whole chunk (see _FusedLinearRowSoftmax.forward)
+KERNEL_ROWS = 128
 
 
 def default_chunk_size(rows: int, vocab: int, hidden: int) -> int:
@@ -200,6 +206,7 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
         student_buffer = torch.empty((chunk_rows, width), dtype=gemm_dtype, device=student_hidden.device)
         teacher_buffer = torch.empty((chunk_rows, width), dtype=gemm_dtype, device=student_hidden.device)
         direct_grad_hidden = accum_dtype == gemm_dtype
+        kernel_rows = max(1, min(chunk_rows, KERNEL_ROWS))
         for start in range(0, rows, chunk_size):
             stop = min(start + chunk_size, rows)
             hidden = student_hidden[start:stop].to(gemm_dtype)
@@ -209,17 +216,27 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
                                           gemm_teacher_weight, gemm_teacher_bias)
             teacher_transform.apply_(teacher_logits[:, :teacher_weight.shape[0]])
             chunk_target = None if target is None else target[start:stop]
-            loss_rows, grad_logits = kernel(student_logits, teacher_logits, chunk_target, padded_params)
-            grad_logits = grad_logits[:, :vocab]
-            if own_cross_entropy_params is not None:
-                cross_entropy_rows, cross_entropy_grad = kernel(student_logits[:, :vocab].contiguous(), None,
-                                                                chunk_target, own_cross_entropy_params)
-                loss_rows = loss_rows + cross_entropy_rows
-                grad_logits = grad_logits + cross_entropy_grad
-            if not student_transform.identity:
-                grad_logits = student_transform.chain_(grad_logits.contiguous(), derivative)
-            del student_logits, teacher_logits, derivative
-            total += loss_rows.sum(dtype=loss_dtype)
+            # The row kernel runs on slices of the chunk and each slice's gradient overwrites that
+            # slice's student logits (read by then): the GEMMs see the whole chunk, while the
+            # kernel's own gradient output is a slice, not a third [chunk, V] tensor.
+            for first in range(0, stop - start, kernel_rows):
+                rows_here = slice(first, min(first + kernel_rows, stop - start))
+                slice_target = None if chunk_target is None else chunk_target[rows_here]
+                student_rows = student_logits[rows_here]
+                loss_rows, grad_rows = kernel(student_rows, teacher_logits[rows_here], slice_target, padded_params)
+                if own_cross_entropy_params is not None:
+                    cross_entropy_rows, cross_entropy_grad = kernel(student_rows[:, :vocab].contiguous(), None,
+                                                                    slice_target, own_cross_entropy_params)
+                    loss_rows = loss_rows + cross_entropy_rows
+                    grad_rows[:, :vocab] += cross_entropy_grad
+                if not student_transform.identity:
+                    student_transform.chain_(grad_rows[:, :vocab], None if derivative is None
+                                             else derivative[rows_here])
+                student_rows.copy_(grad_rows)
+                total += loss_rows.sum(dtype=loss_dtype)
+                del grad_rows
+            grad_logits = student_logits[:, :vocab]
+            del teacher_logits, derivative
             if direct_grad_hidden:
                 torch.mm(grad_logits, gemm_weight, out=grad_hidden[start:stop])
             else:
@@ -228,7 +245,7 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T.to(accum_dtype), hidden.to(accum_dtype))
             if want_bias:
                 grad_bias += grad_logits.sum(0, dtype=accum_dtype)
-            del grad_logits
+            del grad_logits, student_logits
 
         del student_buffer, teacher_buffer
         del gemm_weight, gemm_teacher_weight

@@ -8,6 +8,7 @@ import kdfast
 from kdfast import reference
 from kdfast import fused_linear as fused_linear_module
 from kdfast.fused_linear import default_chunk_size
+from kdfast.reference.divergence import transform_logits
 
 BACKENDS = ["reference"] + [name for name in kdfast.available_backends("kd_loss", "cpu") if name != "reference"]
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-6),
@@ -37,6 +38,8 @@ def own_cross_entropy_plus_padded_kd(loss_name, zs, zt, target, options):
     if loss_name == "skd_loss":
         multiplier = options.get("multiplier") or (1.0 if options["normalize"] == "standardize" else 2.0)
         own = reference.normalize_logits(zs, options["normalize"], multiplier, options.get("eps", 1e-7))
+    if loss_name == "divergence_loss":  # the CE term of the transformed student logits
+        own = transform_logits(zs, options.get("student_logit_scale", 1.0), options.get("student_softcap"))
     ce_rows = F.cross_entropy(own, target, ignore_index=-100, reduction="none")
     rows = alpha * kd_rows + (1 - alpha) * ce_rows
     counted = (target != -100).sum()
@@ -266,10 +269,22 @@ def test_errors_name_the_argument():
         kdfast.fused_linear_skd_loss(*args, multiplier=0.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_slices_of_a_chunk(backend, monkeypatch):
+    """The row kernel runs on slices of each chunk (its gradient written over the slice's logits):
+    slices and chunks that do not divide the rows, every form with softcap and a CE term."""
+    monkeypatch.setattr(fused_linear_module, "KERNEL_ROWS", 3)
+    student, teacher, target = problem(rows=23, vocab=11, teacher_vocab=14, dtype=torch.float64)
+    for form in DIVERGENCE_FORMS[:4]:
+        compare(kdfast.fused_linear_divergence_loss, "divergence_loss", torch.float64,
+                dict(alpha=0.7, student_softcap=4.0, **form), dict(chunk_size=8, backend=backend), student, teacher,
+                target)
+
+
 def test_default_chunk_size_rule():
     assert default_chunk_size(65536, 32000, 4096) == 8192      # N / ceil(V / H), a power of two
-    assert default_chunk_size(8192, 128256, 4096) == 256
-    assert default_chunk_size(4096, 32000, 1024) == 256        # at least 256 rows for efficient GEMMs
+    assert default_chunk_size(8192, 128256, 4096) == 512
+    assert default_chunk_size(4096, 32000, 1024) == 512        # at least 512 rows for efficient GEMMs
     assert default_chunk_size(5, 100, 1000) == 5                # never more than N
     assert default_chunk_size(0, 10, 10) == 1
 
