@@ -143,9 +143,10 @@ def unit_interval_open_above(name: str, value) -> None:
         raise ValueError(f"{name} must lie in [0, 1), got {value}")
 
 
-def num_items_in_batch(value, reduction: str, name: str = "num_items_in_batch") -> None:
-    """None, a Python number > 0, or a 0-dim real tensor (its value is not read: no host sync);
-    it replaces the "batchmean" divisor, so only that reduction takes it."""
+def num_items_in_batch(value, reduction: str, device: Optional[torch.device] = None,
+                       name: str = "num_items_in_batch") -> None:
+    """None, a Python number > 0, or a 0-dim real tensor (its value is not read: no host sync) on
+    ``device`` or the CPU; it replaces the "batchmean" divisor, so only that reduction takes it."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
@@ -153,6 +154,9 @@ def num_items_in_batch(value, reduction: str, name: str = "num_items_in_batch") 
             raise ValueError(f"{name} must be a Python number or a 0-dim tensor, got shape {tuple(value.shape)}")
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold a real number, got dtype {value.dtype}")
+        if device is not None and value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the inputs are on {device}; "
+                             "they must be on the same device")
     else:
         positive(name, value)
     if reduction != "batchmean":

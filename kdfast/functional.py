@@ -54,14 +54,6 @@ def _check_row_target(target, student_logits, ignore_index, *, required: bool) -
     return target.reshape(-1)
 
 
-def _check_num_items(num_items_in_batch, reduction: str, student_logits: torch.Tensor) -> None:
-    _checks.num_items_in_batch(num_items_in_batch, reduction)
-    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device != student_logits.device \
-            and num_items_in_batch.device.type != "cpu":
-        raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device} but the logits are on "
-                         f"{student_logits.device}; they must be on the same device")
-
-
 def _check_distill_options(temperature, alpha, reduction, target) -> None:
     _checks.positive("temperature", temperature)
     _checks.in_unit_interval("alpha", alpha)
@@ -89,7 +81,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     """
     _check_logit_pair(student_logits, teacher_logits)
     _check_distill_options(temperature, alpha, reduction, target)
-    _check_num_items(num_items_in_batch, reduction, student_logits)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     return _run_row_loss("kd_loss", backend, student_logits, teacher_logits, flat_target,
                         temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
@@ -117,7 +109,7 @@ def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     _checks.optional_positive("multiplier", multiplier)
     _checks.positive("eps", eps)
     multiplier = default_skd_multiplier(normalize) if multiplier is None else multiplier
-    _check_num_items(num_items_in_batch, reduction, student_logits)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     return _run_row_loss("skd_loss", backend, student_logits, teacher_logits, flat_target,
                         temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
@@ -132,7 +124,7 @@ def partial_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     true-class probability ρ and spreads 1 − ρ evenly over the other classes."""
     _check_logit_pair(student_logits, teacher_logits)
     _check_distill_options(temperature, alpha, reduction, target)
-    _check_num_items(num_items_in_batch, reduction, student_logits)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     return _run_row_loss("partial_teacher_loss", backend, student_logits, teacher_logits, flat_target,
                         temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
@@ -147,7 +139,7 @@ def label_smoothing_loss(student_logits: torch.Tensor, target: torch.Tensor, *, 
     _check_logits("student_logits", student_logits)
     _checks.in_unit_interval("smoothing", smoothing)
     _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
-    _check_num_items(num_items_in_batch, reduction, student_logits)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     return _run_row_loss("label_smoothing_loss", backend, student_logits, None, flat_target,
                         smoothing=smoothing, reduction=reduction, ignore_index=ignore_index,
@@ -164,7 +156,7 @@ def reweighted_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     _checks.positive("temperature", temperature)
     _checks.positive("eps", eps)
     _checks.choice("reduction", reduction, _checks.ROW_REDUCTIONS)
-    _check_num_items(num_items_in_batch, reduction, student_logits)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=True)
     return _run_row_loss("reweighted_ce_loss", backend, student_logits, teacher_logits, flat_target,
                         alpha=alpha, temperature=temperature, eps=eps, reduction=reduction,
@@ -205,7 +197,7 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     _checks.unit_interval_open_above("skew_alpha", skew_alpha)
     _checks.in_unit_interval("mixed_kl_weight", mixed_kl_weight)
     _checks.flag("t2_scaling", t2_scaling)
-    _check_num_items(num_items_in_batch, reduction, student_logits)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
     _checks.positive("student_logit_scale", student_logit_scale)
     _checks.positive("teacher_logit_scale", teacher_logit_scale)
     _checks.optional_positive("student_softcap", student_softcap)
@@ -232,13 +224,9 @@ def _check_topk_options(*, divergence, beta, mixed_kl_weight, tail, temperature,
     _checks.optional_positive("teacher_temperature", teacher_temperature)
     _checks.flag("t2_scaling", t2_scaling)
     _checks.optional_finite("reverse_kl_floor", reverse_kl_floor)
-    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, device)
     _checks.positive("student_logit_scale", student_logit_scale)
     _checks.optional_positive("student_softcap", student_softcap)
-    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device != device \
-            and num_items_in_batch.device.type != "cpu":
-        raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device} but the student is on "
-                         f"{device}; they must be on the same device")
     check_tail_options(divergence, tail, beta, mixed_kl_weight, temperature, teacher_temperature, reverse_kl_floor)
 
 

@@ -371,7 +371,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     """
     _checks.positive("temperature", temperature)
     _checks.in_unit_interval("alpha", alpha)
-    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_hidden.device)
     options = dict(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
                    num_items_in_batch=num_items_in_batch)
     return _fused_linear("kd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
@@ -389,7 +389,7 @@ def fused_linear_skd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     ``multiplier=None`` is κ = 2 for ``layernorm`` / ``l2`` and κ = 1 for ``standardize``."""
     _checks.positive("temperature", temperature)
     _checks.in_unit_interval("alpha", alpha)
-    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_hidden.device)
     _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
     _checks.optional_positive("multiplier", multiplier)
     _checks.positive("eps", eps)
@@ -457,7 +457,7 @@ def fused_linear_divergence_loss(student_hidden: torch.Tensor, student_weight: t
     _checks.in_unit_interval("mixed_kl_weight", mixed_kl_weight)
     _checks.flag("t2_scaling", t2_scaling)
     _checks.choice("reduction", reduction, REDUCTIONS)
-    _checks.num_items_in_batch(num_items_in_batch, reduction)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_hidden.device)
     _checks.positive("student_logit_scale", student_logit_scale)
     _checks.positive("teacher_logit_scale", teacher_logit_scale)
     _checks.optional_positive("student_softcap", student_softcap)
