@@ -1,0 +1,660 @@
+"""Vocabulary-parallel (tensor-parallel) row losses on torch.distributed.
+
+Each rank of a process group holds a contiguous block of columns of every logit row (Megatron's
+vocabulary-parallel LM head: rank r owns the columns [start_r, start_r + V_r)). A row loss is
+computed without gathering the rows, by one rule for every form:
+
+    a loss row is a function G of a few **row sums over the vocabulary**, σ = Σ_j f(z_j).
+
+Each rank computes the sums over its columns, the sums are added across ranks with one
+``all_reduce`` of a stacked [rows, m] tensor, and every rank evaluates G redundantly. The gradient
+stays local: by the chain rule ∂ℓ/∂z_j = Σ_i (∂G/∂σ_i)·(∂f_i/∂z_j), and ∂f_i/∂z_j involves only the
+rank's own column j. Autograd gives both factors (∂G/∂σ on the reduced sums, the vector-Jacobian
+product of the local sums on the local columns), so no collective runs in the backward.
+
+Some forms need a second **level** of sums that depend on the first level's totals (the JSD's
+mixture needs the normalised probabilities). Level 2's local sums are then functions of z and of
+the level-1 totals Γ₁; the total derivative of ℓ with respect to Γ₁ picks up Σ_j ∂f₂/∂Γ₁, itself a
+sum over the vocabulary, so those Jacobian sums (a few numbers per row) travel in level 2's
+all-reduce. The number of collectives per call is therefore: one MAX of the row maxima (the shift
+that keeps every exp(z − M) finite), plus one SUM per level:
+
+=====================================  ===================  =============================
+form                                   collectives          what the SUM(s) carry per row
+=====================================  ===================  =============================
+forward KL, reverse KL, mixed KL, KD   MAX + SUM       (2)  S_s, S_t, W [, S_1, z_y]
+JSD(β), TVD, skew KLs                  MAX + SUM + SUM (3)  S_s, S_t [, S_1, z_y]; share, ∂share/∂S_s
+SKD (layernorm, l2, standardize)       (MAX ∥ SUM) + SUM    Σz, Σz², V; then as forward KL
+top-k (any tail)                       MAX + SUM       (2)  S_s, a_K (k values), S_R [, E_R]
+top-k "renormalize_both", α = 1        SUM             (1)  a_K
+=====================================  ===================  =============================
+
+(``[, S_1, z_y]``: the (1 − α)·CE term's sum-exp at T = 1 and the label's logit, contributed by its
+owner and 0 elsewhere; also two extra columns per row: NaN counts and the local width.) The
+forward KL needs no second level because Σ_j q_j(b_j − a_j) = W/S_t with W = Σ_j e^{b_j − M_t}(b_j − a_j)
+can be summed at the global max before S_t is known.
+
+Semantics equal the single-process losses: masked (−inf) columns, NaN rows (a NaN on any rank
+makes the row NaN everywhere), ignored rows, every reduction and ``num_items_in_batch``. Every
+rank returns the same loss; count it once.
+
+This path is plain PyTorch ops on the local columns (a few passes over the [rows, V_r] shard);
+its point is the communication: O(rows) values per collective, never the [rows, V] logits.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..reference._common import compute_dtype, mask_rows, valid_rows
+from ..reference.divergence import divergence_rows, kl_terms, transform_logits
+from ..reference.topk import BUCKET_DROP_MASS, canonical_divergence, check_distinct, log1mexp
+
+__all__ = ["VocabShard", "vocab_shard", "record_collectives", "RowForm", "DenseDivergence", "Spherical",
+           "TopK", "parallel_row_loss", "parallel_rows"]
+
+NEG_INF = -math.inf
+
+
+# --- the group and its collectives ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's block of vocabulary columns in a tensor-parallel group."""
+    group: object                    #: the torch.distributed process group (None: the default group)
+    start: int                       #: global index of the first local column
+    size: int                        #: number of local columns
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+
+def vocab_shard(group, vocab_start_index: Optional[int], local_size: int, name: str = "vocab_start_index") -> VocabShard:
+    """The shard of the calling rank; ``vocab_start_index=None`` means equal shards in rank order
+    (Megatron's padded vocabulary): start = rank·V_local."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_group needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
+    if vocab_start_index is None:
+        start = dist.get_rank(group) * local_size
+    else:
+        if isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int) or vocab_start_index < 0:
+            raise ValueError(f"{name} must be a non-negative int (the global index of this rank's first "
+                             f"column), got {vocab_start_index!r}")
+        start = vocab_start_index
+    return VocabShard(group, start, local_size)
+
+
+@dataclass
+class CollectiveRecord:
+    """One collective issued by this module: its reduction, shape and dtype."""
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def bytes(self) -> int:
+        return math.prod(self.shape) * torch.finfo(self.dtype).bits // 8
+
+
+_RECORDERS: List[list] = []
+
+
+@contextlib.contextmanager
+def record_collectives():
+    """Context manager yielding a list that receives a :class:`CollectiveRecord` for every
+    collective the vocabulary-parallel losses issue inside it (their own count, used by the docs'
+    communication table and checked by the tests against torch.distributed itself)."""
+    log: list = []
+    _RECORDERS.append(log)
+    try:
+        yield log
+    finally:
+        _RECORDERS.remove(log)
+
+
+def _issue(tensor: torch.Tensor, op: str, group, async_op: bool = False):
+    for log in _RECORDERS:
+        log.append(CollectiveRecord(op, tuple(tensor.shape), tensor.dtype))
+    reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+    return dist.all_reduce(tensor, op=reduce_op, group=group, async_op=async_op)
+
+
+def _all_reduce(tensor: torch.Tensor, op: str, group) -> torch.Tensor:
+    tensor = tensor.contiguous()
+    _issue(tensor, op, group)
+    return tensor
+
+
+def _all_reduce_max_and_sum(maxima: torch.Tensor, sums: torch.Tensor, group):
+    """Two independent collectives issued together (one round trip)."""
+    maxima, sums = maxima.contiguous(), sums.contiguous()
+    works = [_issue(maxima, "max", group, async_op=True), _issue(sums, "sum", group, async_op=True)]
+    for work in works:
+        work.wait()
+    return maxima, sums
+
+
+# --- helpers on local columns --------------------------------------------------------------------
+
+def row_max(x: torch.Tensor) -> torch.Tensor:
+    """Row maxima of the local columns, detached; NaN ignored (NaN rows are tracked separately) and
+    −inf for a rank without columns."""
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], NEG_INF)
+    x = x.detach()
+    return torch.where(x.isnan(), torch.full((), NEG_INF, dtype=x.dtype, device=x.device), x).amax(dim=-1)
+
+
+def finite_shift(m: torch.Tensor) -> torch.Tensor:
+    """A global row maximum usable as a shift: 0 where it is not finite (a row that is −inf or NaN
+    everywhere is undefined, and stays so, without inf − inf in the shift itself)."""
+    return torch.where(m.isfinite(), m, torch.zeros_like(m))
+
+
+def sum_exp(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Σ_j e^{x_j − shift} over the local columns."""
+    return torch.exp(x - shift.unsqueeze(-1)).sum(dim=-1)
+
+
+def weighted_difference(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_j (x_j − y_j) with the term 0 where w_j = 0, decided before the difference is formed
+    (no inf − inf in the value or the gradient); +inf where w_j > 0 and y_j = −inf."""
+    present = weight > 0
+    difference = torch.where(present, x - y, torch.zeros((), dtype=x.dtype, device=x.device))
+    return (weight * difference).sum(dim=-1)
+
+
+def safe_log(x: torch.Tensor) -> torch.Tensor:
+    """log x, −inf at 0, with a zero (not NaN) gradient there."""
+    positive = x > 0
+    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))),
+                       torch.full((), NEG_INF, dtype=x.dtype, device=x.device))
+
+
+def owned_values(x: torch.Tensor, global_index: torch.Tensor, shard: VocabShard, present: torch.Tensor) -> torch.Tensor:
+    """x at the given global column indices where this rank owns them (and ``present``), 0 elsewhere:
+    summed across ranks, each index gets exactly its owner's value."""
+    local = global_index - shard.start
+    owned = present & (local >= 0) & (local < shard.size)
+    if shard.size == 0:
+        return torch.zeros(global_index.shape, dtype=x.dtype, device=x.device)
+    picked = x.gather(-1, torch.where(owned, local, torch.zeros_like(local)))
+    return torch.where(owned, picked, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What a form computes on the local columns; ``student`` is the autograd leaf."""
+    student: torch.Tensor
+    teacher: Optional[torch.Tensor]
+    target: Optional[torch.Tensor]   #: global labels, ignored rows as 0
+    valid: torch.Tensor
+    shard: VocabShard
+    local: dict = field(default_factory=dict)
+
+
+class RowForm:
+    """A vocabulary-parallel row loss: ``prepare`` builds the local quantities (with autograd from
+    ``ctx.student``) and returns the row maxima to MAX-reduce (or None); each of ``levels`` returns
+    ``(sums, constants)`` of the local columns — ``sums`` [n, m] differentiable, ``constants`` [n, c]
+    not — given the reduced totals of the previous levels; ``loss`` returns ℓ [n] from the reduced
+    totals alone. ``max_with_first_level``: the MAX needs none of the first level's totals and
+    travels concurrently with it (SKD)."""
+    max_with_first_level = False
+    levels: Sequence[Callable] = ()
+
+    def prepare(self, ctx: Context) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+    def after_max(self, ctx: Context, maxima: Optional[torch.Tensor]) -> None:
+        ctx.local["max"] = None if maxima is None else finite_shift(maxima)
+
+    def loss(self, ctx: Context, totals: list, constants: list) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _row_jacobians(sums: torch.Tensor, leaves: list) -> list:
+    """[∂sums/∂leaf per row: [n, m, m_leaf]] for each leaf (rows are independent, so the gradient
+    of a column's sum over rows is that column's per-row derivative)."""
+    if not leaves or not sums.requires_grad:
+        return [torch.zeros(sums.shape + leaf.shape[-1:], dtype=sums.dtype, device=sums.device) for leaf in leaves]
+    columns = []
+    for i in range(sums.shape[-1]):
+        grads = torch.autograd.grad(sums[:, i].sum(), leaves, retain_graph=True, allow_unused=True)
+        columns.append([torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)])
+    return [torch.stack([col[k] for col in columns], dim=1) for k in range(len(leaves))]
+
+
+def parallel_rows(form: RowForm, student: torch.Tensor, teacher: Optional[torch.Tensor], target: Optional[torch.Tensor],
+                  ignore_index: Optional[int], shard: VocabShard, row_weight: Callable, *, compute_grad: bool,
+                  grad_dtype: Optional[torch.dtype] = None):
+    """Run ``form`` on local [n, V_r] columns. Returns (ℓ [n] in the compute dtype, 0 on ignored
+    rows and NaN on NaN rows; the gradient ``row_weight(ℓ-independent totals)``-weighted of the
+    local columns, or None; the global vocabulary size as a 0-dim tensor).
+
+    ``row_weight(vocab)`` gives d(reduced loss)/dℓ_n as an [n] tensor, from the global vocabulary
+    size (a 0-dim tensor, known after the first level; no host synchronisation)."""
+    dtype = compute_dtype(student.dtype)
+    rows = student.shape[0]
+    valid, safe_target = valid_rows(target, ignore_index, rows, student.device)
+    with torch.enable_grad() if compute_grad else torch.no_grad():
+        leaf = student.detach().to(dtype)
+        leaf = mask_rows(leaf, valid).requires_grad_(compute_grad)
+        teacher = None if teacher is None else mask_rows(teacher.detach().to(dtype), valid)
+        ctx = Context(leaf, teacher, safe_target, valid, shard)
+        maxima = form.prepare(ctx)
+        nan_count = leaf.detach().isnan().sum(dim=-1).to(dtype)
+        if teacher is not None:
+            nan_count = nan_count + teacher.isnan().sum(dim=-1).to(dtype)
+        width = torch.full((rows,), float(shard.size), dtype=dtype, device=leaf.device)
+        if maxima is not None and not form.max_with_first_level:
+            form.after_max(ctx, _all_reduce(maxima, "max", shard.group))
+        totals, constants, local_sums, jacobians = [], [], [], []
+        for index, level in enumerate(form.levels):
+            sums, consts = level(ctx, totals, constants)
+            jac = _row_jacobians(sums, totals) if compute_grad else []
+            extra = [nan_count, width] if index == 0 else []
+            parts = [sums.detach(), consts] + [t.unsqueeze(-1) for t in extra] + [j.flatten(1) for j in jac]
+            packed = torch.cat([p.to(sums.dtype) for p in parts], dim=-1)
+            if index == 0 and form.max_with_first_level and maxima is not None:
+                reduced_max, packed = _all_reduce_max_and_sum(maxima, packed, shard.group)
+                form.after_max(ctx, reduced_max)
+            else:
+                packed = _all_reduce(packed, "sum", shard.group)
+            m, c = sums.shape[-1], consts.shape[-1]
+            total = packed[:, :m].detach().requires_grad_(compute_grad)
+            constants.append(packed[:, m:m + c])
+            offset = m + c
+            if index == 0:
+                nan_count, vocab = packed[:, offset], packed[0, offset + 1] if rows else packed.new_zeros(())
+                offset += 2
+            reduced_jac = []
+            for previous, j in zip(totals, jac):
+                size = j.shape[1] * j.shape[2]
+                reduced_jac.append(packed[:, offset:offset + size].reshape(j.shape))
+                offset += size
+            totals.append(total)
+            local_sums.append(sums)
+            jacobians.append(reduced_jac)
+        if not form.levels:
+            vocab = torch.full((), float(shard.size), dtype=dtype, device=leaf.device)
+        ell = form.loss(ctx, totals, constants)
+        bad = valid & ((nan_count > 0) | ctx.local.get("undefined", torch.zeros_like(valid)))
+        nan = torch.full((), math.nan, dtype=dtype, device=leaf.device)
+        ell_out = torch.where(bad, nan, torch.where(valid, ell.detach(), torch.zeros_like(ell.detach())))
+        if not compute_grad:
+            return ell_out, None, vocab
+        weight = torch.where(valid, row_weight(vocab).to(dtype), torch.zeros((), dtype=dtype, device=leaf.device))
+        partial = torch.autograd.grad((torch.where(valid, ell, torch.zeros_like(ell)) * weight).sum(), totals,
+                                      retain_graph=False, allow_unused=True)
+        adjoints: list = [None] * len(totals)
+        for level in reversed(range(len(totals))):
+            adjoint = torch.zeros_like(totals[level]) if partial[level] is None else partial[level].detach()
+            for later in range(level + 1, len(totals)):
+                adjoint = adjoint + torch.einsum("ni,nik->nk", adjoints[later], jacobians[later][level])
+            adjoints[level] = adjoint
+        pairs = [(s, a) for s, a in zip(local_sums, adjoints) if s.requires_grad]
+        grad = None
+        if pairs:
+            grad, = torch.autograd.grad([s for s, _ in pairs], leaf, [a for _, a in pairs], allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(leaf)
+        grad = torch.where(bad.unsqueeze(-1), nan, torch.where(valid.unsqueeze(-1), grad, torch.zeros((), dtype=dtype,
+                                                                                                   device=leaf.device)))
+    return ell_out, grad.to(grad_dtype or student.dtype), vocab
+
+
+# --- the forms -----------------------------------------------------------------------------------
+
+def _ce_sums(ctx: Context, logits_t1: torch.Tensor, shift: torch.Tensor) -> List[torch.Tensor]:
+    """The CE term's local sums at T = 1: Σ e^{z − M₁} and the label's logit (owner only)."""
+    label = owned_values(logits_t1, ctx.target.unsqueeze(-1), ctx.shard,
+                         torch.ones_like(ctx.target, dtype=torch.bool).unsqueeze(-1)).squeeze(-1)
+    return [sum_exp(logits_t1, shift), label]
+
+
+def _ce_loss(shift: torch.Tensor, sum_t1: torch.Tensor, label_logit: torch.Tensor) -> torch.Tensor:
+    return shift + safe_log(sum_t1) - label_logit
+
+
+class DenseDivergence(RowForm):
+    """Forward/reverse/mixed KL (one level), JSD, TVD and the skew KLs (two levels) between
+    p = softmax(z'^s/T) and q = softmax(z'^t/T), z' the transformed logits, plus (1 − α)·CE."""
+
+    def __init__(self, *, divergence="forward_kl", beta=0.5, skew_alpha=0.1, mixed_kl_weight=0.5, temperature=1.0,
+                 t2_scaling=False, alpha=1.0, student_logit_scale=1.0, student_softcap=None,
+                 teacher_logit_scale=1.0, teacher_softcap=None, **_unused):
+        self.form = canonical_divergence(divergence, beta, mixed_kl_weight) if divergence in (
+            "forward_kl", "reverse_kl", "mixed_kl", "jsd") else divergence
+        if divergence.startswith("skew") and skew_alpha == 0:
+            self.form = "forward_kl" if divergence == "skew_forward_kl" else "reverse_kl"
+        self.beta, self.skew_alpha, self.mixed_kl_weight = beta, skew_alpha, mixed_kl_weight
+        self.temperature, self.alpha = temperature, alpha
+        self.scale = alpha * (temperature**2 if t2_scaling else 1.0)
+        self.transforms = ((student_logit_scale, student_softcap), (teacher_logit_scale, teacher_softcap))
+        self.two_level = self.form not in ("forward_kl", "reverse_kl", "mixed_kl")
+        self.levels = (self.level_one, self.level_two) if self.two_level else (self.level_one,)
+
+    def student_logits(self, ctx):
+        return transform_logits(ctx.student, *self.transforms[0])
+
+    def teacher_logits(self, ctx):
+        return transform_logits(ctx.teacher, *self.transforms[1])
+
+    def prepare(self, ctx):
+        z_s, z_t = self.student_logits(ctx), self.teacher_logits(ctx)
+        ctx.local.update(z_s=z_s, a=z_s / self.temperature, b=z_t / self.temperature)
+        maxima = [row_max(ctx.local["a"]), row_max(ctx.local["b"])]
+        if self.alpha < 1:
+            maxima.append(row_max(z_s))
+        return torch.stack(maxima, dim=-1)
+
+    def after_max(self, ctx, maxima):
+        super().after_max(ctx, maxima)
+
+    def level_one(self, ctx, totals, constants):
+        a, b, m = ctx.local["a"], ctx.local["b"], ctx.local["max"]
+        e_a, e_b = torch.exp(a - m[:, :1]), torch.exp(b - m[:, 1:2])
+        sums = [e_a.sum(dim=-1)]
+        if self.form in ("forward_kl", "mixed_kl"):
+            sums.append(weighted_difference(e_b, b, a))          # W_t: Σ q̂ (b − a)
+        if self.form in ("reverse_kl", "mixed_kl"):
+            sums.append(weighted_difference(e_a, a, b))          # W_s: Σ p̂ (a − b)
+        if self.alpha < 1:
+            sums += _ce_sums(ctx, ctx.local["z_s"], m[:, 2])
+        return torch.stack(sums, dim=-1), e_b.detach().sum(dim=-1, keepdim=True)
+
+    def _normalisers(self, ctx, totals, constants):
+        m = ctx.local["max"]
+        log_s = m[:, 0] + safe_log(totals[0][:, 0])              # A = M_s + log S_s
+        log_t = m[:, 1] + safe_log(constants[0][:, 0])           # B = M_t + log S_t
+        return log_s, log_t
+
+    def level_two(self, ctx, totals, constants):
+        log_s, log_t = self._normalisers(ctx, totals, constants)
+        log_p = ctx.local["a"] - log_s.unsqueeze(-1)
+        log_q = ctx.local["b"] - log_t.detach().unsqueeze(-1)
+        share = divergence_rows(log_p, log_q, self.form, beta=self.beta, skew_alpha=self.skew_alpha,
+                                mixed_kl_weight=self.mixed_kl_weight)
+        return share.unsqueeze(-1), share.new_zeros(share.shape + (0,))
+
+    def loss(self, ctx, totals, constants):
+        log_s, log_t = self._normalisers(ctx, totals, constants)
+        level = totals[0]
+        column = 1
+        if self.two_level:
+            divergence = totals[1][:, 0]
+        else:
+            forward = reverse = None
+            if self.form in ("forward_kl", "mixed_kl"):
+                forward = level[:, column] / constants[0][:, 0] - log_t + log_s
+                column += 1
+            if self.form in ("reverse_kl", "mixed_kl"):
+                reverse = level[:, column] / level[:, 0] - log_s + log_t
+                column += 1
+            if self.form == "forward_kl":
+                divergence = forward
+            elif self.form == "reverse_kl":
+                divergence = reverse
+            else:
+                w = self.mixed_kl_weight
+                divergence = w * forward + (1 - w) * reverse
+        ell = self.scale * divergence if self.alpha > 0 else torch.zeros_like(log_s)
+        if self.alpha < 1:
+            ce = _ce_loss(ctx.local["max"][:, 2], level[:, column], level[:, column + 1])
+            ell = ell + (1 - self.alpha) * ce
+        return ell
+
+
+class Spherical(DenseDivergence):
+    """SKD: the forward KL (and CE) on h = κ·normalize(z) of both networks, the row statistics of
+    the normalisation reduced first (level 0: Σz, Σz² and the width, fp64 sums; the MAX of z travels
+    concurrently): ``layernorm`` κ(z − μ)/√(var + ε) (biased var), ``l2`` κz/max(‖z‖, ε),
+    ``standardize`` κ(z − μ)/(σ + ε) (unbiased σ)."""
+    max_with_first_level = True
+
+    def __init__(self, *, temperature=4.0, multiplier=2.0, alpha=1.0, eps=1e-7, normalize="layernorm", **_unused):
+        super().__init__(divergence="forward_kl", temperature=temperature, t2_scaling=True, alpha=alpha)
+        self.multiplier, self.eps, self.normalize = multiplier, eps, normalize
+        self.levels = (self.level_zero, self.level_one_sphere)
+
+    def prepare(self, ctx):
+        return torch.stack([row_max(ctx.student), row_max(ctx.teacher)], dim=-1)
+
+    def after_max(self, ctx, maxima):
+        ctx.local["z_max"] = maxima
+
+    def level_zero(self, ctx, totals, constants):
+        z_s, z_t = ctx.student.double(), ctx.teacher.double()
+        sums = torch.stack([z_s.sum(dim=-1), (z_s * z_s).sum(dim=-1)], dim=-1)
+        consts = torch.stack([z_t.sum(dim=-1), (z_t * z_t).sum(dim=-1),
+                              torch.full_like(z_t[:, 0] if z_t.shape[-1] else z_t.sum(dim=-1), float(ctx.shard.size))],
+                             dim=-1)
+        return sums, consts
+
+    def _centre_and_scale(self, total, square, vocab):
+        """(centre, divisor) with h = κ·(z − centre)/divisor, from the row sums."""
+        if self.normalize == "l2":
+            return torch.zeros_like(total), torch.sqrt(square).clamp_min(self.eps)
+        mean = total / vocab
+        if self.normalize == "layernorm":
+            return mean, torch.sqrt(square / vocab - mean * mean + self.eps)
+        var = (square - vocab * mean * mean) / (vocab - 1).clamp_min(1)
+        return mean, torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) + self.eps
+
+    def level_one_sphere(self, ctx, totals, constants):
+        dtype = ctx.student.dtype
+        vocab = constants[0][:, 2]
+        centre_s, div_s = self._centre_and_scale(totals[0][:, 0], totals[0][:, 1], vocab)
+        with torch.no_grad():
+            centre_t, div_t = self._centre_and_scale(constants[0][:, 0], constants[0][:, 1], vocab)
+        kappa, temperature = self.multiplier, self.temperature
+        h_s = kappa * (ctx.student - centre_s.to(dtype).unsqueeze(-1)) / div_s.to(dtype).unsqueeze(-1)
+        h_t = kappa * (ctx.teacher - centre_t.to(dtype).unsqueeze(-1)) / div_t.to(dtype).unsqueeze(-1)
+        with torch.no_grad():                                    # max h = κ(max z − centre)/divisor
+            z_max = ctx.local["z_max"].to(torch.float64)
+            shift_s = kappa * (z_max[:, 0] - centre_s) / div_s
+            shift_t = kappa * (z_max[:, 1] - centre_t) / div_t
+            shifts = torch.stack([shift_s / temperature, shift_t / temperature, shift_s], dim=-1)
+        ctx.local.update(z_s=h_s, a=h_s / temperature, b=h_t / temperature, max=finite_shift(shifts.to(dtype)))
+        sums, consts = self.level_one(ctx, totals, constants)
+        return sums, consts
+
+    def loss(self, ctx, totals, constants):
+        # the FKL form of DenseDivergence reading level one (totals[1], constants[1])
+        return super().loss(ctx, totals[1:], constants[1:])
+
+
+class TopK(RowForm):
+    """A top-k teacher (global indices and log-probs replicated on every rank) against the student's
+    vocabulary-parallel distribution, every ``tail`` mode, as :func:`kdfast.topk_divergence_loss`."""
+
+    def __init__(self, indices, logprobs, *, divergence="forward_kl", beta=0.5, mixed_kl_weight=0.5,
+                 tail="renormalize", temperature=1.0, teacher_temperature=None, t2_scaling=False, alpha=1.0,
+                 reverse_kl_floor=None, student_logit_scale=1.0, student_softcap=None, **_unused):
+        self.indices, self.logprobs = indices.long(), logprobs.detach()
+        self.form = canonical_divergence(divergence, beta, mixed_kl_weight)
+        self.beta, self.mixed_kl_weight, self.tail = beta, mixed_kl_weight, tail
+        self.temperature, self.alpha = temperature, alpha
+        self.ratio = (temperature if teacher_temperature is None else teacher_temperature) / temperature
+        self.scale = alpha * (temperature**2 if t2_scaling else 1.0)
+        self.floor = reverse_kl_floor if tail == "renormalize" and self.form in ("reverse_kl", "mixed_kl") else None
+        self.transform = (student_logit_scale, student_softcap)
+        self.needs_max = not (tail == "renormalize_both" and alpha == 1)
+        self.levels = (self.level_one,)
+
+    def prepare(self, ctx):
+        real = (self.logprobs > NEG_INF) & ctx.valid.unsqueeze(-1)
+        check_distinct(self.indices, real)
+        indices = torch.where(real, self.indices, torch.zeros_like(self.indices))
+        z = transform_logits(ctx.student, *self.transform)
+        ctx.local.update(z=z, a=z / self.temperature, real=real, indices=indices)
+        if not self.needs_max:
+            ctx.local["max"] = torch.zeros(z.shape[0], 2, dtype=z.dtype, device=z.device)
+            return None
+        return torch.stack([row_max(ctx.local["a"]), row_max(z)], dim=-1)
+
+    def level_one(self, ctx, totals, constants):
+        a, m, real, indices = ctx.local["a"], ctx.local["max"], ctx.local["real"], ctx.local["indices"]
+        sums = [owned_values(a, indices, ctx.shard, real)]                  # a_K (k columns)
+        if self.tail != "renormalize_both":
+            e_a = torch.exp(a - m[:, :1])
+            local = indices - ctx.shard.start
+            owned = real & (local >= 0) & (local < ctx.shard.size)
+            in_k = self._in_k(a, local, owned)
+            tail = torch.where(in_k, torch.zeros((), dtype=a.dtype, device=a.device), e_a)
+            sums.append(e_a.sum(dim=-1, keepdim=True))                       # S_s
+            sums.append(tail.sum(dim=-1, keepdim=True))                      # S_R, accumulated directly
+            if self.floor is not None:
+                entropy = weighted_difference(tail, a, torch.zeros_like(a))  # Σ_R p̂ a
+                sums.append(entropy.unsqueeze(-1))
+        if self.alpha < 1:
+            sums.append(torch.stack(_ce_sums(ctx, ctx.local["z"], m[:, 1]), dim=-1))
+        return torch.cat(sums, dim=-1), a.new_zeros(a.shape[0], 0)
+
+    @staticmethod
+    def _in_k(a, local, owned):
+        """Bool [n, V_r]: the local columns that belong to the row's top-k set."""
+        marks = torch.zeros(a.shape, dtype=a.dtype, device=a.device)
+        if a.shape[-1]:
+            marks.scatter_add_(1, torch.where(owned, local, torch.zeros_like(local)), owned.to(a.dtype))
+        return marks > 0
+
+    def loss(self, ctx, totals, constants):
+        real = ctx.local["real"]
+        k = real.shape[-1]
+        level = totals[0]
+        a_k = level[:, :k]
+        ell = self.logprobs.to(a_k.dtype).masked_fill(~real, NEG_INF)
+        if self.tail in ("renormalize", "renormalize_both"):
+            log_q_k = torch.log_softmax(self.ratio * ell, dim=-1)
+        else:
+            log_q_k = ell
+        undefined = torch.zeros_like(ctx.valid)
+        if self.tail in ("renormalize", "renormalize_both"):
+            undefined = undefined | ~real.any(dim=-1)
+        column = k
+        if self.tail == "renormalize_both":
+            student_k = a_k.masked_fill(~real, NEG_INF)
+            undefined = undefined | ~(real & (a_k > NEG_INF)).any(dim=-1)
+            safe = torch.where(undefined.unsqueeze(-1), torch.zeros_like(student_k), student_k)
+            log_p_tilde = torch.log_softmax(safe, dim=-1).masked_fill(~real, NEG_INF)
+            divergence = divergence_rows(log_p_tilde, log_q_k, self.form, beta=self.beta,
+                                         mixed_kl_weight=self.mixed_kl_weight)
+        else:
+            m = ctx.local["max"][:, 0]
+            total, tail_sum = level[:, column], level[:, column + 1]
+            column += 2
+            undefined = undefined | ~(total > 0)
+            log_total = m + safe_log(total)
+            log_p_k = torch.where(real, a_k - log_total.unsqueeze(-1), torch.full_like(a_k, NEG_INF))
+            log_p_tail = safe_log(tail_sum) - safe_log(total)
+            if self.floor is not None:
+                entropy_sum = level[:, column]
+                column += 1
+                tail_mass = tail_sum / total
+                # Σ_R p_j log p_j = (Σ_R p̂_j a_j)/S − log Z·P_R; λ replaces log q̃ outside K
+                tail_terms = entropy_sum / total - log_total * tail_mass - self.floor * tail_mass
+                reverse = kl_terms(log_p_k.exp(), log_p_k, log_q_k) + tail_terms
+                if self.form == "reverse_kl":
+                    divergence = reverse
+                else:
+                    forward = kl_terms(log_q_k.exp(), log_q_k, log_p_k)
+                    w = self.mixed_kl_weight
+                    divergence = w * forward + (1 - w) * reverse
+            elif self.tail == "truncate":
+                divergence = kl_terms(ell.exp(), ell, log_p_k)
+            else:
+                if self.tail == "bucket":
+                    log_q_tail = log1mexp(torch.logsumexp(ell, dim=-1))
+                    drop = (log_p_tail == NEG_INF) & (log_q_tail <= math.log(BUCKET_DROP_MASS))
+                    log_q_tail = log_q_tail.masked_fill(drop, NEG_INF)
+                else:
+                    log_q_tail = torch.full_like(log_p_tail, NEG_INF)
+                log_p_bins = torch.cat([log_p_k, log_p_tail.unsqueeze(-1)], dim=-1)
+                log_q_bins = torch.cat([log_q_k, log_q_tail.unsqueeze(-1)], dim=-1)
+                divergence = divergence_rows(log_p_bins, log_q_bins, self.form, beta=self.beta,
+                                             mixed_kl_weight=self.mixed_kl_weight)
+        undefined = undefined & ctx.valid
+        ctx.local["undefined"] = undefined
+        safe = torch.where(undefined, torch.zeros_like(divergence), divergence)
+        loss = self.scale * safe if self.alpha > 0 else torch.zeros_like(safe)
+        if self.alpha < 1:
+            loss = loss + (1 - self.alpha) * _ce_loss(ctx.local["max"][:, 1], level[:, column], level[:, column + 1])
+        return loss
+
+
+# --- reduction and autograd ----------------------------------------------------------------------
+
+def row_weight_fn(valid: torch.Tensor, reduction: str, num_items, dtype: torch.dtype) -> Callable:
+    """d(reduced loss)/dℓ_n from the global vocabulary size (a 0-dim tensor; "mean" divides by it)."""
+    def weight(vocab: torch.Tensor) -> torch.Tensor:
+        w = valid.to(dtype)
+        if num_items is not None and reduction == "batchmean":
+            divisor = num_items.to(device=valid.device, dtype=dtype) if isinstance(num_items, torch.Tensor) \
+                else float(num_items)
+            return w / divisor
+        if reduction in ("batchmean", "mean"):
+            count = valid.sum().clamp_min(1).to(dtype)
+            return w / (count * vocab.to(dtype)) if reduction == "mean" else w / count
+        return w
+    return weight
+
+
+def reduce_rows(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_items, vocab: torch.Tensor):
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    if num_items is not None and reduction == "batchmean":
+        return total / (num_items.to(device=total.device, dtype=total.dtype) if isinstance(num_items, torch.Tensor)
+                        else num_items)
+    count = valid.sum().clamp_min(1).to(total.dtype)
+    return total / (count * vocab.to(total.dtype)) if reduction == "mean" else total / count
+
+
+class _ParallelRowLoss(torch.autograd.Function):
+    """The loss in the forward with its local gradient; backward scales the saved gradient."""
+
+    @staticmethod
+    def forward(ctx, student, run):
+        loss, grad = run(student, True)
+        ctx.save_for_backward(grad)
+        ctx.input_dtype = student.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, = ctx.saved_tensors
+        upstream = grad_output.to(compute_dtype(ctx.input_dtype))
+        if upstream.dim():
+            upstream = upstream.unsqueeze(-1)
+        return (grad * upstream).to(ctx.input_dtype), None
+
+
+def parallel_row_loss(form: RowForm, student: torch.Tensor, teacher: Optional[torch.Tensor],
+                      target: Optional[torch.Tensor], *, ignore_index, reduction: str, num_items_in_batch,
+                      shard: VocabShard) -> torch.Tensor:
+    """The reduced vocabulary-parallel loss of 2-D local columns (autograd through the student)."""
+    dtype = compute_dtype(student.dtype)
+    valid, _ = valid_rows(target, ignore_index, student.shape[0], student.device)
+    weight = row_weight_fn(valid, reduction, num_items_in_batch, dtype)
+
+    def run(values: torch.Tensor, compute_grad: bool):
+        loss_rows, grad, vocab = parallel_rows(form, values, teacher, target, ignore_index, shard, weight,
+                                               compute_grad=compute_grad, grad_dtype=dtype)
+        return reduce_rows(loss_rows, valid, reduction, num_items_in_batch, vocab), grad
+
+    if student.requires_grad and torch.is_grad_enabled():
+        return _ParallelRowLoss.apply(student, run)
+    return run(student.detach(), False)[0]
