@@ -71,14 +71,53 @@ def _run_row_loss(loss_name: str, backend: str, student_logits: torch.Tensor, te
     return _unflatten(loss, options["reduction"], student_logits.shape[:-1])
 
 
+def _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index) -> bool:
+    """The vocabulary-parallel path is taken for a process group, a start index or a DTensor input."""
+    if vocab_parallel_group is not None or vocab_start_index is not None:
+        return True
+    from .parallel.vocab import is_dtensor
+    return is_dtensor(student_logits)
+
+
+def _run_vocab_parallel(loss_name: str, student_logits, teacher_logits, target, *, vocab_parallel_group,
+                        vocab_start_index, backend, **options) -> torch.Tensor:
+    """Check the local shards and run the vocabulary-parallel form (plain PyTorch ops and
+    torch.distributed collectives on every backend; ``backend`` is checked, then unused)."""
+    from .parallel.vocab import local_logits, vocab_parallel_loss
+    _check_backend_name(backend)
+    student_logits, teacher_logits, group, start = local_logits(student_logits, teacher_logits,
+                                                                vocab_parallel_group, vocab_start_index)
+    _check_logit_pair(student_logits, teacher_logits)
+    if target is not None:  # global labels: the upper bound is checked once the vocabulary size is reduced
+        _checks.target("target", target, batch_shape=student_logits.shape[:-1], ref_name="student_logits",
+                       ref=student_logits, num_classes=_UNBOUNDED_CLASSES, ignore_index=options["ignore_index"])
+    return vocab_parallel_loss(loss_name, student_logits, teacher_logits, target, group=group,
+                               vocab_start_index=start, **options)
+
+
+#: the class-count bound of the local checks of vocabulary-parallel labels (the real one is global)
+_UNBOUNDED_CLASSES = 1 << 62
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
             *, temperature: float = 4.0, alpha: float = 1.0, reduction: str = "batchmean",
-            ignore_index: Optional[int] = -100, num_items_in_batch=None, backend: str = "auto") -> torch.Tensor:
+            ignore_index: Optional[int] = -100, num_items_in_batch=None, vocab_parallel_group=None,
+            vocab_start_index: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """Hinton KD: α·T²·KL(σ_T(z^t) ‖ σ_T(z^s)) + (1 − α)·CE(z^s, y).
 
     ``target`` is needed only when ``alpha < 1`` or to mask rows with ``ignore_index``.
     ``batchmean`` divides by the counted rows, ``mean`` also by C (torch.nn.KLDivLoss convention).
+    With ``vocab_parallel_group`` (or DTensor logits sharded on the last dimension) both logit
+    tensors are this rank's vocabulary shard (see :mod:`kdfast.parallel.vocab`).
     """
+    if _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index):
+        _check_logits("student_logits", student_logits)
+        _check_distill_options(temperature, alpha, reduction, target)
+        _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
+        return _run_vocab_parallel("kd_loss", student_logits, teacher_logits, target,
+                                   vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index,
+                                   backend=backend, temperature=temperature, alpha=alpha, reduction=reduction,
+                                   ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
     _check_logit_pair(student_logits, teacher_logits)
     _check_distill_options(temperature, alpha, reduction, target)
     _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
@@ -91,7 +130,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
 def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
              *, temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
              eps: float = 1e-7, normalize: str = "layernorm", reduction: str = "batchmean",
-             ignore_index: Optional[int] = -100, num_items_in_batch=None, backend: str = "auto") -> torch.Tensor:
+             ignore_index: Optional[int] = -100, num_items_in_batch=None, vocab_parallel_group=None,
+             vocab_start_index: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """Spherical KD: α·T²·KL(σ_T(h^t) ‖ σ_T(h^s)) + (1 − α)·CE(h^s, y) with h = κ·normalize(z) for
     both networks (the CE term at T = 1).
 
@@ -102,14 +142,23 @@ def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
         multiplier: κ. ``None`` (default) takes each mode's published value: κ = 2 for
             ``"layernorm"`` and ``"l2"`` (SKD), κ = 1 for ``"standardize"``, whose official code has
             no multiplier — an explicit κ there equals logit standardisation at temperature T/κ.
+        vocab_parallel_group, vocab_start_index: both logit tensors are this rank's vocabulary shard
+            (or DTensors sharded on the last dimension); see :mod:`kdfast.parallel.vocab`.
     """
-    _check_logit_pair(student_logits, teacher_logits)
+    _check_logits("student_logits", student_logits)
     _check_distill_options(temperature, alpha, reduction, target)
     _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
     _checks.optional_positive("multiplier", multiplier)
     _checks.positive("eps", eps)
     multiplier = default_skd_multiplier(normalize) if multiplier is None else multiplier
     _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
+    if _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index):
+        return _run_vocab_parallel("skd_loss", student_logits, teacher_logits, target,
+                                   vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index,
+                                   backend=backend, temperature=temperature, multiplier=multiplier, alpha=alpha,
+                                   eps=eps, normalize=normalize, reduction=reduction, ignore_index=ignore_index,
+                                   num_items_in_batch=num_items_in_batch)
+    _check_logit_pair(student_logits, teacher_logits)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     return _run_row_loss("skd_loss", backend, student_logits, teacher_logits, flat_target,
                         temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
@@ -171,6 +220,7 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     num_items_in_batch=None, ignore_index: Optional[int] = -100,
                     student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
                     teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
+                    vocab_parallel_group=None, vocab_start_index: Optional[int] = None,
                     backend: str = "auto") -> torch.Tensor:
     """LLM distillation divergences: α·(T² if t2_scaling)·D(p ‖ q) + (1 − α)·CE(z'^s, y), with
     p = softmax(z'^s/T), q = softmax(z'^t/T) and z' = c·tanh(s·z/c) (or s·z without a softcap),
@@ -189,8 +239,14 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             logits at T = 1 and needs ``target``.
         num_items_in_batch: replaces the ``batchmean`` divisor (Hugging Face's gradient-accumulation
             count): a Python number or a 0-dim tensor.
+        vocab_parallel_group, vocab_start_index: tensor parallelism. Both logit tensors are this
+            rank's contiguous vocabulary shard ``[..., V_r]`` (rank order = shard order), starting at
+            global column ``vocab_start_index`` (None: rank·V_r, equal shards); ``target`` holds
+            global labels. DTensors sharded on the last dimension are accepted without these
+            arguments. Every rank returns the full loss; the gradient is this rank's shard. See
+            :mod:`kdfast.parallel.vocab` for the collectives.
     """
-    _check_logit_pair(student_logits, teacher_logits)
+    _check_logits("student_logits", student_logits)
     _check_distill_options(temperature, alpha, reduction, target)
     _checks.choice("divergence", divergence, _checks.DIVERGENCES)
     _checks.in_unit_interval("beta", beta)
@@ -202,13 +258,18 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     _checks.positive("teacher_logit_scale", teacher_logit_scale)
     _checks.optional_positive("student_softcap", student_softcap)
     _checks.optional_positive("teacher_softcap", teacher_softcap)
+    options = dict(divergence=divergence, beta=beta, skew_alpha=skew_alpha, mixed_kl_weight=mixed_kl_weight,
+                   temperature=temperature, t2_scaling=t2_scaling, alpha=alpha, reduction=reduction,
+                   num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                   student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                   teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
+    if _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index):
+        return _run_vocab_parallel("divergence_loss", student_logits, teacher_logits, target,
+                                   vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index,
+                                   backend=backend, **options)
+    _check_logit_pair(student_logits, teacher_logits)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
-    return _run_row_loss("divergence_loss", backend, student_logits, teacher_logits, flat_target,
-                        divergence=divergence, beta=beta, skew_alpha=skew_alpha, mixed_kl_weight=mixed_kl_weight,
-                        temperature=temperature, t2_scaling=t2_scaling, alpha=alpha, reduction=reduction,
-                        num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-                        student_logit_scale=student_logit_scale, student_softcap=student_softcap,
-                        teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
+    return _run_row_loss("divergence_loss", backend, student_logits, teacher_logits, flat_target, **options)
 
 
 def _check_topk_options(*, divergence, beta, mixed_kl_weight, tail, temperature, teacher_temperature, t2_scaling,
@@ -242,6 +303,7 @@ def topk_divergence_loss(student_logits: torch.Tensor, teacher_topk_indices: tor
                          reverse_kl_floor: Optional[float] = None, reduction: str = "batchmean",
                          num_items_in_batch=None, ignore_index: Optional[int] = -100,
                          student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                         vocab_parallel_group=None, vocab_start_index: Optional[int] = None,
                          backend: str = "auto") -> torch.Tensor:
     r"""Divergence between a sparse (top-k) teacher and the student's full distribution.
 
@@ -284,6 +346,9 @@ def topk_divergence_loss(student_logits: torch.Tensor, teacher_topk_indices: tor
         reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (÷ rows·V) | ``"batchmean"`` (÷ counted rows).
         num_items_in_batch: replaces the ``batchmean`` divisor (a number or a 0-dim tensor).
         student_logit_scale, student_softcap: s and c of the student's logit transform.
+        vocab_parallel_group, vocab_start_index: tensor parallelism: ``student_logits`` is this
+            rank's vocabulary shard (or a DTensor sharded on the last dimension); the teacher's
+            indices (global) and log-probs are the same on every rank. See :mod:`kdfast.parallel.vocab`.
         backend: ``"reference"`` runs the plain reference (autograd); any other name (``"auto"``,
             ``"cpu"``, ``"triton"``, ``"cuda"``) runs the fused plain-PyTorch path of
             :mod:`kdfast.topk`, one code for every device.
@@ -301,14 +366,32 @@ def topk_divergence_loss(student_logits: torch.Tensor, teacher_topk_indices: tor
         >>> loss.backward()
     """
     _check_logits("student_logits", student_logits)
+    parallel = _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index)
+    if parallel:
+        from .parallel.vocab import local_logits
+        student_logits, _, vocab_parallel_group, vocab_start_index = local_logits(
+            student_logits, None, vocab_parallel_group, vocab_start_index)
     _checks.topk_teacher(teacher_topk_indices, teacher_topk_logprobs, batch_shape=student_logits.shape[:-1],
-                         ref_name="student_logits", ref=student_logits, num_classes=student_logits.shape[-1])
+                         ref_name="student_logits", ref=student_logits,
+                         num_classes=_UNBOUNDED_CLASSES if parallel else student_logits.shape[-1])
     _check_topk_options(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
                         temperature=temperature, teacher_temperature=teacher_temperature, t2_scaling=t2_scaling,
                         alpha=alpha, reverse_kl_floor=reverse_kl_floor, reduction=reduction,
                         num_items_in_batch=num_items_in_batch, student_logit_scale=student_logit_scale,
                         student_softcap=student_softcap, target=target, device=student_logits.device)
     _check_backend_name(backend)
+    if parallel:
+        from .parallel.vocab import vocab_parallel_loss
+        if target is not None:
+            _checks.target("target", target, batch_shape=student_logits.shape[:-1], ref_name="student_logits",
+                           ref=student_logits, num_classes=_UNBOUNDED_CLASSES, ignore_index=ignore_index)
+        return vocab_parallel_loss(
+            "topk_divergence_loss", student_logits, (teacher_topk_indices, teacher_topk_logprobs), target,
+            group=vocab_parallel_group, vocab_start_index=vocab_start_index, divergence=divergence, beta=beta,
+            mixed_kl_weight=mixed_kl_weight, tail=tail, temperature=temperature,
+            teacher_temperature=teacher_temperature, t2_scaling=t2_scaling, alpha=alpha,
+            reverse_kl_floor=reverse_kl_floor, reduction=reduction, num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index, student_logit_scale=student_logit_scale, student_softcap=student_softcap)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     k = teacher_topk_indices.shape[-1]
     options = dict(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,

@@ -658,3 +658,104 @@ def parallel_row_loss(form: RowForm, student: torch.Tensor, teacher: Optional[to
     if student.requires_grad and torch.is_grad_enabled():
         return _ParallelRowLoss.apply(student, run)
     return run(student.detach(), False)[0]
+
+
+# --- entry points of the public losses -----------------------------------------------------------
+
+def _shard_of_dtensor(logits, name: str):
+    """(local tensor, group, start) of a DTensor sharded on its last dimension over a 1-D mesh (or
+    one mesh dimension; the others must replicate)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    last = logits.dim() - 1
+    shard_dims = [i for i, p in enumerate(logits.placements) if isinstance(p, Shard)]
+    if len(shard_dims) != 1 or logits.placements[shard_dims[0]].dim not in (last, -1) or not all(
+            isinstance(p, (Shard, Replicate)) for p in logits.placements):
+        raise ValueError(f"{name} as a DTensor must be sharded on its last (vocabulary) dimension over one mesh "
+                         f"dimension and replicated over the others; got placements {tuple(logits.placements)}")
+    mesh_dim = shard_dims[0]
+    _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
+    return logits.to_local(), logits.device_mesh.get_group(mesh_dim), int(offset[-1])
+
+
+def is_dtensor(value) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(value, DTensor)
+
+
+def local_logits(student_logits, teacher_logits, group, vocab_start_index):
+    """(student, teacher, group, start) as local tensors: DTensors sharded on the vocabulary are
+    unwrapped (their mesh gives the group and the offset; ``vocab_start_index`` must then be None)."""
+    if is_dtensor(student_logits):
+        if vocab_start_index is not None:
+            raise ValueError("vocab_start_index must be None when student_logits is a DTensor (its placement "
+                             "gives the offset)")
+        student_logits, mesh_group, vocab_start_index = _shard_of_dtensor(student_logits, "student_logits")
+        if group is not None and group is not mesh_group:
+            raise ValueError("vocab_parallel_group differs from the process group of student_logits' device mesh")
+        group = mesh_group
+        if teacher_logits is not None and is_dtensor(teacher_logits):
+            teacher_logits, teacher_group, teacher_start = _shard_of_dtensor(teacher_logits, "teacher_logits")
+            if teacher_start != vocab_start_index or teacher_group is not group:
+                raise ValueError("teacher_logits must be sharded like student_logits")
+    elif teacher_logits is not None and is_dtensor(teacher_logits):
+        raise ValueError("teacher_logits is a DTensor but student_logits is not; pass both as DTensors sharded on "
+                         "the vocabulary, or both as local shards with vocab_parallel_group")
+    elif group is None:
+        raise ValueError("vocab_start_index needs vocab_parallel_group (the tensor-parallel process group)")
+    return student_logits, teacher_logits, group, vocab_start_index
+
+
+def _check_in_vocabulary(name: str, values: torch.Tensor, present: torch.Tensor, vocab: torch.Tensor) -> None:
+    """Global class indices must lie below the global vocabulary size (known after the first
+    collective; checked on CPU, where reading it costs no device synchronisation)."""
+    if values.device.type == "cpu" and values.numel() and bool((values.ge(vocab) & present).any()):
+        raise ValueError(f"{name} holds a class index ≥ the vocabulary size {int(vocab)} of the sharded logits")
+
+
+def vocab_parallel_loss(loss_name: str, student_logits: torch.Tensor, teacher, target: Optional[torch.Tensor], *,
+                        group, vocab_start_index: Optional[int], reduction: str, num_items_in_batch=None,
+                        ignore_index: Optional[int] = -100, **options) -> torch.Tensor:
+    """The vocabulary-parallel form of ``kd_loss`` / ``skd_loss`` / ``divergence_loss`` (``teacher``
+    the teacher's local logits) and ``topk_divergence_loss`` (``teacher`` = (indices, log-probs),
+    replicated) on checked [..., V_r] local logits; "none" keeps the leading shape."""
+    if loss_name == "topk_divergence_loss":
+        indices, logprobs = teacher
+        k = indices.shape[-1]
+        form = TopK(indices.reshape(-1, k), logprobs.reshape(-1, k), **options)
+        teacher_rows = None
+    else:
+        if loss_name == "kd_loss":
+            form = DenseDivergence(divergence="forward_kl", t2_scaling=True, **options)
+        elif loss_name == "skd_loss":
+            form = Spherical(**options)
+        elif loss_name == "divergence_loss":
+            form = DenseDivergence(**options)
+        else:
+            raise ValueError(f"{loss_name} has no vocabulary-parallel form")
+        teacher_rows = teacher.reshape(-1, teacher.shape[-1])
+    leading = student_logits.shape[:-1]
+    rows = student_logits.reshape(-1, student_logits.shape[-1])
+    flat_target = None if target is None else target.reshape(-1)
+    shard = vocab_shard(group, vocab_start_index, rows.shape[-1])
+    dtype = compute_dtype(rows.dtype)
+    valid, _ = valid_rows(flat_target, ignore_index, rows.shape[0], rows.device)
+    weight = row_weight_fn(valid, reduction, num_items_in_batch, dtype)
+
+    def run(values: torch.Tensor, compute_grad: bool):
+        loss_rows, grad, vocab = parallel_rows(form, values, teacher_rows, flat_target, ignore_index, shard, weight,
+                                               compute_grad=compute_grad, grad_dtype=dtype)
+        if flat_target is not None:
+            _check_in_vocabulary("target", flat_target, valid, vocab)
+        if isinstance(form, TopK):
+            _check_in_vocabulary("teacher_topk_indices", form.indices, form.logprobs > NEG_INF, vocab)
+        return reduce_rows(loss_rows, valid, reduction, num_items_in_batch, vocab), grad
+
+    if rows.requires_grad and torch.is_grad_enabled():
+        loss = _ParallelRowLoss.apply(rows, run)
+    else:
+        loss = run(rows.detach(), False)[0]
+    return loss.reshape(leading) if reduction == "none" else loss
