@@ -15,9 +15,13 @@ Rules worth knowing:
   zero-padded logits of both sides and h = κ·normalize(·) for SKD (h = z for KD):
       ℓ = α·T²·KL(σ_T(h(z̄^t)) ‖ σ_T(h(z̄^s))) + (1 − α)·(−log σ(h(z^s))_y),
   and ``reduction="mean"`` divides the sum of ℓ by rows·V.
-- The weights are used as given. Sharded weights (FSDP, ZeRO-3, DTensor) must be gathered by the
-  caller first, e.g. inside ``FullyShardedDataParallel.summon_full_params`` or DeepSpeed's
-  ``GatheredParameters``: a shard would silently give a different loss.
+- DTensor weights (FSDP2 parameters, read outside their module's forward) are gathered once per
+  call and their gradients go back to the parameter's placement, averaged over the mesh like
+  FSDP2's own (:func:`kdfast.parallel.linear.full_weight`). Other sharded weights (FSDP1,
+  ZeRO-3) must be gathered by the caller, e.g. inside ``FullyShardedDataParallel.summon_full_params``
+  or DeepSpeed's ``GatheredParameters``: a shard would give a different loss.
+- ``vocab_parallel_group=``: the heads are this rank's vocabulary rows (tensor parallelism,
+  :mod:`kdfast.parallel.linear`).
 - No host synchronisation: the number of counted rows stays on the device.
 - ``reduction="none"`` is not offered: the weight gradient sums over rows during the forward, so
   per-row grad_outputs cannot be applied afterwards. Use ``"sum"`` and weight rows yourself.
@@ -265,7 +269,7 @@ class _FusedLinearRowSoftmax(torch.autograd.Function):
 
 
 def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
-           reduction, chunk_size, ignore_index):
+           reduction, chunk_size, ignore_index, num_classes=None):
     _checks.tensor("student_hidden", student_hidden, min_ndim=1)
     _checks.tensor("student_weight", student_weight, ndim=2)
     _checks.tensor("teacher_hidden", teacher_hidden, min_ndim=1)
@@ -294,15 +298,36 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, targe
     _checks.ignore_index(ignore_index)
     if target is not None:
         _checks.target("target", target, batch_shape=student_hidden.shape[:-1], ref_name="student_hidden",
-                       ref=student_hidden, num_classes=student_weight.shape[0], ignore_index=ignore_index)
+                       ref=student_hidden, num_classes=num_classes or student_weight.shape[0],
+                       ignore_index=ignore_index)
+
+
+#: the class-count bound of the local checks of vocabulary-parallel labels (the real one is global)
+_UNBOUNDED_CLASSES = 1 << 62
 
 
 def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
-                  teacher_bias, chunk_size, accum_dtype, backend, options, transforms=(None, None)):
+                  teacher_bias, chunk_size, accum_dtype, backend, options, transforms=(None, None),
+                  vocab_parallel_group=None, vocab_start_index=None):
+    from .parallel.linear import full_weight, vocab_parallel_linear_loss
+    parallel = vocab_parallel_group is not None or vocab_start_index is not None
+    if not parallel:  # DTensor (FSDP2) heads: gathered once, gradient back to the parameter's placement
+        student_weight, student_bias = full_weight(student_weight), full_weight(student_bias)
+        teacher_weight, teacher_bias = full_weight(teacher_weight), full_weight(teacher_bias)
     _check(student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
-           options["reduction"], chunk_size, options["ignore_index"])
+           options["reduction"], chunk_size, options["ignore_index"],
+           num_classes=_UNBOUNDED_CLASSES if parallel else None)
     if options["alpha"] < 1 and target is None:
         raise ValueError(f"target is required when alpha < 1 (alpha={options['alpha']} weights a CE term)")
+    if parallel:
+        if vocab_parallel_group is None:
+            raise ValueError("vocab_start_index needs vocab_parallel_group (the tensor-parallel process group)")
+        _checks.choice("backend", backend, ("auto", "reference", "cpu", "triton", "cuda"))
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias)
+        return vocab_parallel_linear_loss(loss_name, hidden, student_weight, student_bias, teacher, target,
+                                          group=vocab_parallel_group, vocab_start_index=vocab_start_index,
+                                          chunk_size=chunk_size, **options)
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     flat_target = None if target is None else target.reshape(-1).long()
@@ -360,7 +385,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                          temperature: float = 4.0, alpha: float = 1.0, ignore_index: Optional[int] = -100,
                          reduction: str = "batchmean", num_items_in_batch=None, chunk_size: Optional[int] = None,
-                         accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto") -> torch.Tensor:
+                         accum_dtype: Optional[torch.dtype] = torch.float32, vocab_parallel_group=None,
+                         vocab_start_index: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """:func:`kdfast.kd_loss` of ``student_hidden @ student_weight.T (+ bias)`` against the teacher's
     logits, computed ``chunk_size`` rows at a time (default: :func:`default_chunk_size`).
 
@@ -375,7 +401,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     options = dict(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
                    num_items_in_batch=num_items_in_batch)
     return _fused_linear("kd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options)
+                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options,
+                         vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index)
 
 
 def fused_linear_skd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -384,7 +411,8 @@ def fused_linear_skd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
                           eps: float = 1e-7, normalize: str = "layernorm", ignore_index: Optional[int] = -100,
                           reduction: str = "batchmean", num_items_in_batch=None, chunk_size: Optional[int] = None,
-                          accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto") -> torch.Tensor:
+                          accum_dtype: Optional[torch.dtype] = torch.float32, vocab_parallel_group=None,
+                         vocab_start_index: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """:func:`kdfast.skd_loss` on the output projections, chunked like :func:`fused_linear_kd_loss`.
     ``multiplier=None`` is κ = 2 for ``layernorm`` / ``l2`` and κ = 1 for ``standardize``."""
     _checks.positive("temperature", temperature)
@@ -398,7 +426,8 @@ def fused_linear_skd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                    reduction=reduction, ignore_index=ignore_index,
                    num_items_in_batch=num_items_in_batch)
     return _fused_linear("skd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options)
+                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options,
+                         vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index)
 
 
 def fused_linear_divergence_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -413,6 +442,7 @@ def fused_linear_divergence_loss(student_hidden: torch.Tensor, student_weight: t
                                  student_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
                                  teacher_softcap: Optional[float] = None, chunk_size: Optional[int] = None,
                                  accum_dtype: Optional[torch.dtype] = torch.float32,
+                                 vocab_parallel_group=None, vocab_start_index: Optional[int] = None,
                                  backend: str = "auto") -> torch.Tensor:
     """:func:`kdfast.divergence_loss` of the two models' output projections, never materialising
     the [N, V] logits: per row, with z'^s = transform(student_hidden @ student_weight.T (+ bias)),
@@ -436,8 +466,16 @@ def fused_linear_divergence_loss(student_hidden: torch.Tensor, student_weight: t
             device), ``"sum"``, ``"mean"`` (also / V).
         chunk_size: rows per chunk (default :func:`default_chunk_size`).
         accum_dtype: dtype of the weight and bias gradient accumulators (fp32 by default).
+        vocab_parallel_group, vocab_start_index: tensor parallelism (Megatron's
+            ``ColumnParallelLinear`` layout): both weights (and biases) are this rank's contiguous
+            vocabulary rows starting at global row ``vocab_start_index`` (None: rank·V_r), the hidden
+            states and ``target`` the same on every rank. The hidden-state gradient comes back summed
+            over the group (one all-reduce per call); see :mod:`kdfast.parallel.linear`.
         backend: ``"reference"`` materialises the logits (the specification); ``"auto"`` a fused
             backend's row kernel on each chunk.
+
+    DTensor weights and biases (FSDP2 parameters outside their module's forward) are gathered once
+    per call and their gradients returned with the parameter's placement.
 
     Shape:
         Output: a scalar.
@@ -470,4 +508,5 @@ def fused_linear_divergence_loss(student_hidden: torch.Tensor, student_weight: t
     transforms = (LogitTransform(student_logit_scale, student_softcap),
                   LogitTransform(teacher_logit_scale, teacher_softcap))
     return _fused_linear("divergence_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options, transforms)
+                         student_bias, teacher_bias, chunk_size, accum_dtype, backend, options, transforms,
+                         vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index)

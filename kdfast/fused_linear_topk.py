@@ -28,6 +28,9 @@ from .topk import reduce_loss_rows, row_weights, topk_options, topk_rows_
 
 __all__ = ["fused_linear_topk_divergence_loss"]
 
+#: the class-count bound of the local checks of vocabulary-parallel indices (the real one is global)
+_UNBOUNDED_CLASSES = 1 << 62
+
 
 class _FusedLinearTopK(torch.autograd.Function):
     """Forward: the loss and every student gradient, chunk by chunk; backward: scales them."""
@@ -123,6 +126,7 @@ def fused_linear_topk_divergence_loss(student_hidden: torch.Tensor, student_weig
                                       student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
                                       chunk_size: Optional[int] = None,
                                       accum_dtype: Optional[torch.dtype] = torch.float32,
+                                      vocab_parallel_group=None, vocab_start_index: Optional[int] = None,
                                       backend: str = "auto") -> torch.Tensor:
     """:func:`kdfast.topk_divergence_loss` of the logits ``z = student_hidden @ student_weight.T
     (+ student_bias)``, computed ``chunk_size`` rows at a time, without materialising z:
@@ -145,7 +149,13 @@ def fused_linear_topk_divergence_loss(student_hidden: torch.Tensor, student_weig
             weight's dtype).
         backend: ``"reference"`` materialises the logits and runs the reference (the specification
             this function is tested against); any other name runs the fused plain-PyTorch path.
+        vocab_parallel_group, vocab_start_index: tensor parallelism: ``student_weight`` (and bias)
+            are this rank's vocabulary rows from global row ``vocab_start_index`` (None: rank·V_r);
+            hidden states, teacher top-k (global indices) and target are the same on every rank.
+            See :mod:`kdfast.parallel.linear`.
         Other options: as :func:`kdfast.topk_divergence_loss`.
+
+    A DTensor weight or bias (FSDP2) is gathered once per call; its gradient keeps its placement.
 
     Shape:
         student_hidden [..., H], teacher tensors [..., k], target [...]; the output is a scalar.
@@ -159,8 +169,12 @@ def fused_linear_topk_divergence_loss(student_hidden: torch.Tensor, student_weig
         >>> loss = kdfast.fused_linear_topk_divergence_loss(hidden, weight, idx, logprobs, tail="bucket")
         >>> loss.backward()
     """
+    from .parallel.linear import full_weight, vocab_parallel_linear_loss
+    parallel = vocab_parallel_group is not None or vocab_start_index is not None
+    if not parallel:
+        student_weight, student_bias = full_weight(student_weight), full_weight(student_bias)
     _check(student_hidden, student_weight, student_bias, reduction, chunk_size, ignore_index, accum_dtype)
-    vocab = student_weight.shape[0]
+    vocab = _UNBOUNDED_CLASSES if parallel else student_weight.shape[0]
     _checks.topk_teacher(teacher_topk_indices, teacher_topk_logprobs, batch_shape=student_hidden.shape[:-1],
                          ref_name="student_hidden", ref=student_hidden, num_classes=vocab)
     _check_topk_options(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
@@ -183,6 +197,12 @@ def fused_linear_topk_divergence_loss(student_hidden: torch.Tensor, student_weig
     logprobs = teacher_topk_logprobs.reshape(-1, k).detach()
     flat_target = None if target is None else target.reshape(-1).long()
 
+    if parallel:
+        if vocab_parallel_group is None:
+            raise ValueError("vocab_start_index needs vocab_parallel_group (the tensor-parallel process group)")
+        return vocab_parallel_linear_loss("topk_divergence_loss", hidden, student_weight, student_bias,
+                                          (indices, logprobs), flat_target, group=vocab_parallel_group,
+                                          vocab_start_index=vocab_start_index, chunk_size=chunk_size, **options)
     if backend == "reference":
         logits = hidden @ student_weight.T
         if student_bias is not None:
