@@ -12,6 +12,7 @@ import torch
 
 from . import _checks
 from ._dispatch import resolve
+from .parallel.vocab import is_dtensor
 from .reference.rowsoftmax import default_skd_multiplier
 from .regions import l2rkd_mix  # noqa: F401  (re-exported: part of the functional API)
 
@@ -73,10 +74,7 @@ def _run_row_loss(loss_name: str, backend: str, student_logits: torch.Tensor, te
 
 def _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index) -> bool:
     """The vocabulary-parallel path is taken for a process group, a start index or a DTensor input."""
-    if vocab_parallel_group is not None or vocab_start_index is not None:
-        return True
-    from .parallel.vocab import is_dtensor
-    return is_dtensor(student_logits)
+    return vocab_parallel_group is not None or vocab_start_index is not None or is_dtensor(student_logits)
 
 
 def _run_vocab_parallel(loss_name: str, student_logits, teacher_logits, target, *, vocab_parallel_group,

@@ -80,9 +80,11 @@ class KDLoss(_HyperParameters):
     """Hinton KD. ``forward(student_logits, teacher_logits, target=None)``; see :func:`kdfast.kd_loss`."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, reduction: str = "batchmean",
-                 ignore_index: Optional[int] = -100, backend: str = "auto"):
+                 ignore_index: Optional[int] = -100, vocab_parallel_group=None,
+                 vocab_start_index: Optional[int] = None, backend: str = "auto"):
         super().__init__(temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,
-                         backend=backend)
+                         vocab_parallel_group=vocab_parallel_group,
+                         vocab_start_index=vocab_start_index, backend=backend)
 
     def forward(self, student_logits, teacher_logits, target=None, num_items_in_batch=None):
         return KF.kd_loss(student_logits, teacher_logits, target, num_items_in_batch=num_items_in_batch,
@@ -97,9 +99,11 @@ class SKDLoss(_HyperParameters):
 
     def __init__(self, temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
                  eps: float = 1e-7, normalize: str = "layernorm", reduction: str = "batchmean",
-                 ignore_index: Optional[int] = -100, backend: str = "auto"):
+                 ignore_index: Optional[int] = -100, vocab_parallel_group=None,
+                 vocab_start_index: Optional[int] = None, backend: str = "auto"):
         super().__init__(temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps, normalize=normalize,
-                         reduction=reduction, ignore_index=ignore_index, backend=backend)
+                         reduction=reduction, ignore_index=ignore_index, vocab_parallel_group=vocab_parallel_group,
+                         vocab_start_index=vocab_start_index, backend=backend)
 
     def forward(self, student_logits, teacher_logits, target=None, num_items_in_batch=None):
         return KF.skd_loss(student_logits, teacher_logits, target, num_items_in_batch=num_items_in_batch,
@@ -166,12 +170,14 @@ class DivergenceLoss(_HyperParameters):
                  alpha: float = 1.0, reduction: str = "batchmean", ignore_index: Optional[int] = -100,
                  student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
                  teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
-                 backend: str = "auto"):
+                 vocab_parallel_group=None,
+                 vocab_start_index: Optional[int] = None, backend: str = "auto"):
         super().__init__(divergence=divergence, beta=beta, skew_alpha=skew_alpha, mixed_kl_weight=mixed_kl_weight,
                          temperature=temperature, t2_scaling=t2_scaling, alpha=alpha, reduction=reduction,
                          ignore_index=ignore_index, student_logit_scale=student_logit_scale,
                          student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
-                         teacher_softcap=teacher_softcap, backend=backend)
+                         teacher_softcap=teacher_softcap, vocab_parallel_group=vocab_parallel_group,
+                         vocab_start_index=vocab_start_index, backend=backend)
 
     def forward(self, student_logits, teacher_logits, target=None, num_items_in_batch=None):
         return KF.divergence_loss(student_logits, teacher_logits, target, num_items_in_batch=num_items_in_batch,
@@ -329,17 +335,19 @@ class L2RKDLoss(_HyperParameters):
 class FusedLinearKDLoss(_HyperParameters):
     """KD on output projections without materialising the logits (see
     :func:`kdfast.fused_linear_kd_loss`). ``forward(student_hidden, student_weight, teacher_hidden,
-    teacher_weight, target=None, student_bias=None, teacher_bias=None, num_items_in_batch=None)``; pass the lm-head weights
-    as they are (gathered, if sharded)."""
+    teacher_weight, target=None, student_bias=None, teacher_bias=None, num_items_in_batch=None)``. DTensor
+    (FSDP2) lm-head weights are gathered once per call; ``vocab_parallel_group`` takes vocabulary shards."""
 
     _function = staticmethod(fused_linear.fused_linear_kd_loss)
     CHOICES = {"reduction": fused_linear.REDUCTIONS, "normalize": _checks.SKD_NORMALIZATIONS}
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, ignore_index: Optional[int] = -100,
                  reduction: str = "batchmean", chunk_size: Optional[int] = None,
-                 accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto"):
+                 accum_dtype: Optional[torch.dtype] = torch.float32, vocab_parallel_group=None,
+                 vocab_start_index: Optional[int] = None, backend: str = "auto"):
         super().__init__(temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-                         chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
+                         chunk_size=chunk_size, accum_dtype=accum_dtype, vocab_parallel_group=vocab_parallel_group,
+                         vocab_start_index=vocab_start_index, backend=backend)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, target=None,
                 student_bias=None, teacher_bias=None, num_items_in_batch=None):
@@ -356,10 +364,12 @@ class FusedLinearSKDLoss(FusedLinearKDLoss):
     def __init__(self, temperature: float = 4.0, multiplier: Optional[float] = None, alpha: float = 1.0,
                  eps: float = 1e-7, normalize: str = "layernorm", ignore_index: Optional[int] = -100,
                  reduction: str = "batchmean", chunk_size: Optional[int] = None,
-                 accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto"):
+                 accum_dtype: Optional[torch.dtype] = torch.float32, vocab_parallel_group=None,
+                 vocab_start_index: Optional[int] = None, backend: str = "auto"):
         _HyperParameters.__init__(self, temperature=temperature, multiplier=multiplier, alpha=alpha, eps=eps,
                                   normalize=normalize, ignore_index=ignore_index, reduction=reduction,
-                                  chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
+                                  chunk_size=chunk_size, accum_dtype=accum_dtype, vocab_parallel_group=vocab_parallel_group,
+                         vocab_start_index=vocab_start_index, backend=backend)
 
 
 class FusedLinearDivergenceLoss(FusedLinearKDLoss):
@@ -378,13 +388,15 @@ class FusedLinearDivergenceLoss(FusedLinearKDLoss):
                  student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
                  teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
                  chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
-                 backend: str = "auto"):
+                 vocab_parallel_group=None,
+                 vocab_start_index: Optional[int] = None, backend: str = "auto"):
         _HyperParameters.__init__(self, divergence=divergence, beta=beta, skew_alpha=skew_alpha,
                                   mixed_kl_weight=mixed_kl_weight, temperature=temperature, t2_scaling=t2_scaling,
                                   alpha=alpha, reduction=reduction, ignore_index=ignore_index,
                                   student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                                   teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
-                                  chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend)
+                                  chunk_size=chunk_size, accum_dtype=accum_dtype, vocab_parallel_group=vocab_parallel_group,
+                         vocab_start_index=vocab_start_index, backend=backend)
 
 
 _TOPK_CHECKS = {
@@ -417,12 +429,14 @@ class TopKDivergenceLoss(_HyperParameters):
                  tail: str = "renormalize", temperature: float = 1.0, teacher_temperature: Optional[float] = None,
                  t2_scaling: bool = False, alpha: float = 1.0, reverse_kl_floor: Optional[float] = None,
                  reduction: str = "batchmean", ignore_index: Optional[int] = -100, student_logit_scale: float = 1.0,
-                 student_softcap: Optional[float] = None, backend: str = "auto"):
+                 student_softcap: Optional[float] = None, vocab_parallel_group=None,
+                 vocab_start_index: Optional[int] = None, backend: str = "auto"):
         super().__init__(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
                          temperature=temperature, teacher_temperature=teacher_temperature, t2_scaling=t2_scaling,
                          alpha=alpha, reverse_kl_floor=reverse_kl_floor, reduction=reduction,
                          ignore_index=ignore_index, student_logit_scale=student_logit_scale,
-                         student_softcap=student_softcap, backend=backend)
+                         student_softcap=student_softcap, vocab_parallel_group=vocab_parallel_group,
+                         vocab_start_index=vocab_start_index, backend=backend)
         from .reference.topk import check_tail_options
         check_tail_options(divergence, tail, beta, mixed_kl_weight, temperature, teacher_temperature,
                            reverse_kl_floor)
@@ -437,7 +451,8 @@ class FusedLinearTopKDivergenceLoss(_HyperParameters):
     """Top-k teacher divergences on the student's output projection, without materialising the
     logits (see :func:`kdfast.fused_linear_topk_divergence_loss`). ``forward(student_hidden,
     student_weight, teacher_topk_indices, teacher_topk_logprobs, target=None, student_bias=None,
-    num_items_in_batch=None)``; pass the lm-head weight as it is (gathered, if sharded).
+    num_items_in_batch=None)``. A DTensor (FSDP2) lm-head weight is gathered once per call;
+    ``vocab_parallel_group`` takes vocabulary shards.
 
     Examples::
 
@@ -454,13 +469,15 @@ class FusedLinearTopKDivergenceLoss(_HyperParameters):
                  t2_scaling: bool = False, alpha: float = 1.0, reverse_kl_floor: Optional[float] = None,
                  reduction: str = "batchmean", ignore_index: Optional[int] = -100, student_logit_scale: float = 1.0,
                  student_softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                 accum_dtype: Optional[torch.dtype] = torch.float32, backend: str = "auto"):
+                 accum_dtype: Optional[torch.dtype] = torch.float32, vocab_parallel_group=None,
+                 vocab_start_index: Optional[int] = None, backend: str = "auto"):
         super().__init__(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
                          temperature=temperature, teacher_temperature=teacher_temperature, t2_scaling=t2_scaling,
                          alpha=alpha, reverse_kl_floor=reverse_kl_floor, reduction=reduction,
                          ignore_index=ignore_index, student_logit_scale=student_logit_scale,
                          student_softcap=student_softcap, chunk_size=chunk_size, accum_dtype=accum_dtype,
-                         backend=backend)
+                         vocab_parallel_group=vocab_parallel_group,
+                         vocab_start_index=vocab_start_index, backend=backend)
         from .reference.topk import check_tail_options
         check_tail_options(divergence, tail, beta, mixed_kl_weight, temperature, teacher_temperature,
                            reverse_kl_floor)
