@@ -359,9 +359,6 @@ class DenseDivergence(RowForm):
             maxima.append(row_max(z_s))
         return torch.stack(maxima, dim=-1)
 
-    def after_max(self, ctx, maxima):
-        super().after_max(ctx, maxima)
-
     def level_one(self, ctx, totals, constants):
         a, b, m = ctx.local["a"], ctx.local["b"], ctx.local["max"]
         e_a, e_b = torch.exp(a - m[:, :1]), torch.exp(b - m[:, 1:2])
@@ -437,9 +434,8 @@ class Spherical(DenseDivergence):
     def level_zero(self, ctx, totals, constants):
         z_s, z_t = ctx.student.double(), ctx.teacher.double()
         sums = torch.stack([z_s.sum(dim=-1), (z_s * z_s).sum(dim=-1)], dim=-1)
-        consts = torch.stack([z_t.sum(dim=-1), (z_t * z_t).sum(dim=-1),
-                              torch.full_like(z_t[:, 0] if z_t.shape[-1] else z_t.sum(dim=-1), float(ctx.shard.size))],
-                             dim=-1)
+        width = z_t.new_full(z_t.shape[:1], float(ctx.shard.size))
+        consts = torch.stack([z_t.sum(dim=-1), (z_t * z_t).sum(dim=-1), width], dim=-1)
         return sums, consts
 
     def _centre_and_scale(self, total, square, vocab):
