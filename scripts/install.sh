@@ -10,5 +10,5 @@ cd "$(dirname "$0")/.."
     "triton>=3.6,<3.10" numpy ninja pytest hypothesis tqdm matplotlib scikit-learn
 # the comparison packages of the test and bench extras (parity tests, benchmarks/llm.py), with the torch pin on
 # the same command line so that their dependencies (transformers, accelerate) cannot replace the CPU torch
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 "trl>=1.16,<1.17" "liger-kernel==0.8.5"
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 "trl==1.16.0" "transformers==5.25.0" "liger-kernel==0.8.5"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e .
