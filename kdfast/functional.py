@@ -85,7 +85,11 @@ def _run_vocab_parallel(loss_name: str, student_logits, teacher_logits, target, 
     _check_backend_name(backend)
     student_logits, teacher_logits, group, start = local_logits(student_logits, teacher_logits,
                                                                 vocab_parallel_group, vocab_start_index)
-    _check_logit_pair(student_logits, teacher_logits)
+    # a rank may hold no column at all (V < P): only the other ranks' checks could tell it apart
+    _checks.tensor("student_logits", student_logits, min_ndim=1)
+    _checks.tensor("teacher_logits", teacher_logits, min_ndim=1)
+    _checks.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
+    _checks.same_dtype_device("teacher_logits", teacher_logits, "student_logits", student_logits)
     if target is not None:  # global labels: the upper bound is checked once the vocabulary size is reduced
         _checks.target("target", target, batch_shape=student_logits.shape[:-1], ref_name="student_logits",
                        ref=student_logits, num_classes=_UNBOUNDED_CLASSES, ignore_index=options["ignore_index"])
@@ -109,7 +113,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     tensors are this rank's vocabulary shard (see :mod:`kdfast.parallel.vocab`).
     """
     if _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index):
-        _check_logits("student_logits", student_logits)
+        _checks.tensor("student_logits", student_logits, min_ndim=1)
         _check_distill_options(temperature, alpha, reduction, target)
         _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
         return _run_vocab_parallel("kd_loss", student_logits, teacher_logits, target,
@@ -143,7 +147,7 @@ def skd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
         vocab_parallel_group, vocab_start_index: both logit tensors are this rank's vocabulary shard
             (or DTensors sharded on the last dimension); see :mod:`kdfast.parallel.vocab`.
     """
-    _check_logits("student_logits", student_logits)
+    _checks.tensor("student_logits", student_logits, min_ndim=1)  # the rest once local
     _check_distill_options(temperature, alpha, reduction, target)
     _checks.choice("normalize", normalize, _checks.SKD_NORMALIZATIONS)
     _checks.optional_positive("multiplier", multiplier)
@@ -244,7 +248,7 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             arguments. Every rank returns the full loss; the gradient is this rank's shard. See
             :mod:`kdfast.parallel.vocab` for the collectives.
     """
-    _check_logits("student_logits", student_logits)
+    _checks.tensor("student_logits", student_logits, min_ndim=1)  # the rest once local
     _check_distill_options(temperature, alpha, reduction, target)
     _checks.choice("divergence", divergence, _checks.DIVERGENCES)
     _checks.in_unit_interval("beta", beta)
@@ -363,12 +367,14 @@ def topk_divergence_loss(student_logits: torch.Tensor, teacher_topk_indices: tor
         >>> loss = kdfast.topk_divergence_loss(z, idx, logprobs, tail="bucket")
         >>> loss.backward()
     """
-    _check_logits("student_logits", student_logits)
+    _checks.tensor("student_logits", student_logits, min_ndim=1)
     parallel = _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index)
-    if parallel:
+    if parallel:  # this rank's shard, which may hold no column (V < P)
         from .parallel.vocab import local_logits
         student_logits, _, vocab_parallel_group, vocab_start_index = local_logits(
             student_logits, None, vocab_parallel_group, vocab_start_index)
+    else:
+        _check_logits("student_logits", student_logits)
     _checks.topk_teacher(teacher_topk_indices, teacher_topk_logprobs, batch_shape=student_logits.shape[:-1],
                          ref_name="student_logits", ref=student_logits,
                          num_classes=_UNBOUNDED_CLASSES if parallel else student_logits.shape[-1])

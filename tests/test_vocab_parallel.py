@@ -617,8 +617,6 @@ def test_errors(pool):
         assert "vocab_start_index" in found["dtensor_with_start"]
 
 
-@pytest.mark.xfail(strict=True, reason="kdfast.parallel.vocab.local_logits unwraps a DTensor student and takes a "
-                   "plain teacher of the local shape as this rank's shard, without the error of the reverse mix")
 def test_dtensor_student_with_plain_local_teacher(pool):
     """A DTensor student with a plain teacher whose shape happens to equal the student's local
     shard is ambiguous (the full teacher or a shard?) and must raise like the reverse mix."""
@@ -627,28 +625,18 @@ def test_dtensor_student_with_plain_local_teacher(pool):
 
 # --- undefined rows -------------------------------------------------------------------------------
 
-#: forms whose engine takes a wholly −inf row's NaN loss but not its gradient (see the xfail)
-FINITE_GRADIENT_ON_UNDEFINED_ROWS = (
-    "vocab-parallel forward KL (kd_loss, divergence_loss forward_kl) returns a finite gradient (0, or −(1 − α) "
-    "at the label) for a row whose student and/or teacher logits are all −inf; its loss is NaN and the "
-    "reference's gradient row is NaN (spec §0.3: 'the row's loss and gradient are NaN')")
-
-
-def _undefined_param(loss, options, id, broken=False):
-    marks = [pytest.mark.xfail(strict=True, reason=FINITE_GRADIENT_ON_UNDEFINED_ROWS)] if broken else []
-    return pytest.param(loss, options, id=id, marks=marks)
+def _undefined_param(loss, options, id):
+    return pytest.param(loss, options, id=id)
 
 
 @pytest.mark.parametrize("loss, options", [
-    _undefined_param("divergence_loss", dict(divergence="forward_kl"), "forward_kl", broken=True),
-    _undefined_param("divergence_loss", dict(divergence="forward_kl", alpha=0.5), "forward_kl-ce", broken=True),
-    _undefined_param("kd_loss", dict(), "kd", broken=True),
+    _undefined_param("divergence_loss", dict(divergence="forward_kl"), "forward_kl"),
+    _undefined_param("divergence_loss", dict(divergence="forward_kl", alpha=0.5), "forward_kl-ce"),
+    _undefined_param("kd_loss", dict(), "kd"),
     _undefined_param("divergence_loss", dict(divergence="reverse_kl"), "reverse_kl"),
     _undefined_param("divergence_loss", dict(divergence="mixed_kl"), "mixed_kl"),
     _undefined_param("divergence_loss", dict(divergence="jsd", beta=0.3, alpha=0.5), "jsd-ce"),
-    pytest.param("divergence_loss", dict(divergence="tvd"), id="tvd", marks=pytest.mark.xfail(strict=True, reason=(
-        "TVD with a wholly −inf teacher row (row 6): NaN loss but a zero gradient row, in the single-process "
-        "reference as well (the vocab-parallel result equals it); spec §0.3 wants the gradient NaN"))),
+    _undefined_param("divergence_loss", dict(divergence="tvd"), "tvd"),
     _undefined_param("divergence_loss", dict(divergence="skew_forward_kl"), "skew_forward_kl"),
     _undefined_param("divergence_loss", dict(divergence="skew_reverse_kl"), "skew_reverse_kl"),
     _undefined_param("topk_divergence_loss", dict(tail="renormalize"), "topk_renormalize"),
@@ -665,8 +653,6 @@ def test_undefined_rows(pool, loss, options):
     assert_nan_rows_whole(results[0]["loss"], grad, f"{loss} {options}")
 
 
-@pytest.mark.xfail(strict=True, reason="vocab-parallel top-k treats a NaN teacher log-prob as padding "
-                   "(TopK.prepare: real = logprobs > -inf) and returns a finite row; the reference's row is NaN")
 @pytest.mark.parametrize("tail", ["renormalize", "renormalize_both", "bucket", "truncate"])
 def test_topk_nan_logprob(pool, tail):
     """A NaN teacher log-prob (row 1): that row's loss and whole gradient row NaN, as the reference."""
@@ -675,9 +661,6 @@ def test_topk_nan_logprob(pool, tail):
     assert want_loss.reshape(-1)[1].isnan()
 
 
-@pytest.mark.xfail(strict=True, reason="a rank with no vocabulary columns (V_r = 0) is rejected by the public "
-                   "losses' local check ('student_logits must have at least one class') on that rank only, while "
-                   "the engine supports V_r = 0 and the other ranks enter the all-reduce and wait forever")
 def test_empty_shard(pool):
     """Splits with an empty shard ((0, 11), (6, 0, 5)) equal the reference."""
     splits = EMPTY[pool.world_size]

@@ -289,7 +289,8 @@ def parallel_rows(form: RowForm, student: torch.Tensor, teacher: Optional[torch.
         if not form.levels:
             vocab = torch.full((), float(shard.size), dtype=dtype, device=leaf.device)
         ell = form.loss(ctx, totals, constants)
-        bad = valid & ((nan_count > 0) | ctx.local.get("undefined", torch.zeros_like(valid)))
+        # a NaN input anywhere in the row, an undefined row (e.g. wholly −inf: its loss is NaN) → NaN row
+        bad = valid & ((nan_count > 0) | ell.detach().isnan() | ctx.local.get("undefined", torch.zeros_like(valid)))
         nan = torch.full((), math.nan, dtype=dtype, device=leaf.device)
         ell_out = torch.where(bad, nan, torch.where(valid, ell.detach(), torch.zeros_like(ell.detach())))
         if not compute_grad:
@@ -536,7 +537,7 @@ class TopK(RowForm):
             log_q_k = torch.log_softmax(self.ratio * ell, dim=-1)
         else:
             log_q_k = ell
-        undefined = torch.zeros_like(ctx.valid)
+        undefined = self.logprobs.isnan().any(dim=-1)         # a NaN teacher value poisons its row
         if self.tail in ("renormalize", "renormalize_both"):
             undefined = undefined | ~real.any(dim=-1)
         column = k
@@ -697,6 +698,9 @@ def local_logits(student_logits, teacher_logits, group, vocab_start_index):
             teacher_logits, teacher_group, teacher_start = _shard_of_dtensor(teacher_logits, "teacher_logits")
             if teacher_start != vocab_start_index or teacher_group is not group:
                 raise ValueError("teacher_logits must be sharded like student_logits")
+        elif teacher_logits is not None:
+            raise ValueError("student_logits is a DTensor but teacher_logits is not; pass both as DTensors sharded on "
+                             "the vocabulary, or both as local shards with vocab_parallel_group")
     elif teacher_logits is not None and is_dtensor(teacher_logits):
         raise ValueError("teacher_logits is a DTensor but student_logits is not; pass both as DTensors sharded on "
                          "the vocabulary, or both as local shards with vocab_parallel_group")
@@ -710,6 +714,11 @@ def _check_in_vocabulary(name: str, values: torch.Tensor, present: torch.Tensor,
     collective; checked on CPU, where reading it costs no device synchronisation)."""
     if values.device.type == "cpu" and values.numel() and bool((values.ge(vocab) & present).any()):
         raise ValueError(f"{name} holds a class index ≥ the vocabulary size {int(vocab)} of the sharded logits")
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V_r] → [N, V_r], also for a rank without columns (V_r = 0)."""
+    return logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
 
 
 def vocab_parallel_loss(loss_name: str, student_logits: torch.Tensor, teacher, target: Optional[torch.Tensor], *,
@@ -732,9 +741,9 @@ def vocab_parallel_loss(loss_name: str, student_logits: torch.Tensor, teacher, t
             form = DenseDivergence(**options)
         else:
             raise ValueError(f"{loss_name} has no vocabulary-parallel form")
-        teacher_rows = teacher.reshape(-1, teacher.shape[-1])
+        teacher_rows = _as_rows(teacher)
     leading = student_logits.shape[:-1]
-    rows = student_logits.reshape(-1, student_logits.shape[-1])
+    rows = _as_rows(student_logits)
     flat_target = None if target is None else target.reshape(-1)
     shard = vocab_shard(group, vocab_start_index, rows.shape[-1])
     dtype = compute_dtype(rows.dtype)

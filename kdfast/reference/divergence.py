@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._common import cross_entropy_rows, nan_where, prepare_rows, reduce_rows
+from ._common import _NanRowsPropagate, cross_entropy_rows, nan_where, prepare_rows, reduce_rows
 
 #: the ``divergence`` names, in the spec's order
 DIVERGENCES = ("forward_kl", "reverse_kl", "mixed_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
@@ -115,7 +115,11 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     ``num_items_in_batch`` (a number or a 0-dim tensor) replaces the ``batchmean`` divisor (§9).
     """
     rows = prepare_rows(student_logits, teacher_logits, target, ignore_index)
-    student = transform_logits(rows.student, student_logit_scale, student_softcap)
+    # A row wholly −inf on either side has no distribution: loss NaN and whole gradient row NaN, for
+    # every form (autograd alone would give TVD's |·| a zero gradient there).
+    with torch.no_grad():
+        undefined = rows.valid & ((rows.student == -math.inf).all(dim=-1) | (rows.teacher == -math.inf).all(dim=-1))
+    student = transform_logits(_NanRowsPropagate.apply(rows.student, undefined), student_logit_scale, student_softcap)
     teacher = transform_logits(rows.teacher, teacher_logit_scale, teacher_softcap)
     log_p = F.log_softmax(student / temperature, dim=-1)
     log_q = F.log_softmax(teacher / temperature, dim=-1)
@@ -126,6 +130,6 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                                                     mixed_kl_weight=mixed_kl_weight)
     if alpha < 1:
         per_row = per_row + (1 - alpha) * cross_entropy_rows(F.log_softmax(student, dim=-1), rows.target)
-    per_row = nan_where(per_row, rows.has_nan)
+    per_row = nan_where(per_row, rows.has_nan | undefined)
     return reduce_rows(per_row, rows.valid, reduction, mean_divisor=student.shape[-1],
                        num_items_in_batch=num_items_in_batch)
