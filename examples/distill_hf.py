@@ -166,7 +166,7 @@ def measure_memory(vocab: int, batch: int, seq: int, student=None, teacher=None)
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text-kb", type=int, default=256)
-    ap.add_argument("--teacher-steps", type=int, default=300)
+    ap.add_argument("--teacher-steps", type=int, default=900)
     ap.add_argument("--student-steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 by default: other jobs share the 2 cores; set 2 on an idle machine")
