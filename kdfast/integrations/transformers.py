@@ -23,6 +23,7 @@ Public API:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ except ImportError as error:  # pragma: no cover - exercised only where transfor
 
 from ..fused_linear import fused_linear_divergence_loss
 from ..fused_linear_topk import fused_linear_topk_divergence_loss
+from ..parallel.linear import full_weight
 
 __all__ = ["causal_lm_distillation_loss", "KDTrainer", "teacher_topk", "output_head", "logit_transform",
            "verify_output_head", "OutputHead", "TOPK_KEYS"]
@@ -119,12 +121,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _full(tensor):
-    # An FSDP2 DTensor: the loss needs the whole matrix (one all-gather, whose backward
-    # reduce-scatters the gradient back to the shards).
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
 def output_head(model: nn.Module, name: str = "model") -> OutputHead:
     """The LM head of a causal LM: ``model.get_output_embeddings()``, which must be a plain
     ``torch.nn.Linear``, and :func:`logit_transform`.
@@ -148,7 +144,8 @@ def output_head(model: nn.Module, name: str = "model") -> OutputHead:
                         "the hidden states itself and needs a plain torch.nn.Linear head (weight [vocab, hidden]). "
                         "Quantised or adapter-wrapped heads are not supported: keep the head in full precision "
                         "and outside the adapter's target_modules")
-    weight, bias = _full(head.weight), None if head.bias is None else _full(head.bias)
+    # an FSDP2 DTensor: gathered once, its gradient reduce-scattered back to the shards (averaged)
+    weight, bias = full_weight(head.weight), full_weight(head.bias)
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(f"{name}'s LM head weight has shape {tuple(weight.shape)}: a sharded placeholder "
                          "(DeepSpeed ZeRO-3?). Gather it first, e.g. inside deepspeed.zero.GatheredParameters")
@@ -283,7 +280,7 @@ def _distill(student: nn.Module, teacher: Optional[nn.Module], batch: Mapping[st
     s_hidden = s_hidden.to(device=device, dtype=dtype)
     target = target.to(device)
     common = {k: v for k, v in options.items() if k not in _DENSE_ONLY + _SPARSE_ONLY}
-    with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else _nullcontext():
+    with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext():
         if sparse:
             indices, logprobs = (t[:, where].to(device) for t in topk)
             return fused_linear_topk_divergence_loss(
@@ -308,14 +305,6 @@ def _distill(student: nn.Module, teacher: Optional[nn.Module], batch: Mapping[st
             student_logit_scale=s_head.logit_scale, student_softcap=s_head.softcap,
             teacher_logit_scale=t_head.logit_scale, teacher_softcap=t_head.softcap,
             **common, **{k: v for k, v in options.items() if k in _DENSE_ONLY})
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def causal_lm_distillation_loss(student: nn.Module, teacher: Optional[nn.Module], batch: Mapping[str, Any], *,
