@@ -386,3 +386,72 @@ def test_example_quick(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "perplexity" in done.stdout and "peak" in done.stdout
+
+
+# --- FSDP2 ----------------------------------------------------------------------------------------
+
+def _fsdp_llama(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config).requires_grad_(False)
+    tokens = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(1))
+    return student, teacher, dict(input_ids=tokens, labels=tokens.clone())
+
+
+def _fsdp_sgd_step(student, teacher, batch):
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    loss = causal_lm_distillation_loss(student, teacher, batch, alpha=0.5)
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+
+def _fsdp_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for tied in (False, True):
+            student, teacher, batch = _fsdp_llama(tied)
+            single = copy.deepcopy(student)
+            single_loss = _fsdp_sgd_step(single, teacher, batch)
+            for model in (student, teacher):
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                fully_shard(model.model)
+                fully_shard(model)
+            rows = slice(rank * 2, rank * 2 + 2)
+            try:
+                loss = _fsdp_sgd_step(student, teacher, {k: v[rows] for k, v in batch.items()})
+            except ValueError as error:
+                results[tied] = dict(error=str(error))
+                continue
+            losses = [None] * world
+            dist.all_gather_object(losses, loss)
+            error = max(float((p.full_tensor() - q).abs().max()) for p, q in zip(student.parameters(), single.parameters()))
+            results[tied] = dict(mean_loss=sum(losses) / world, single_loss=single_loss, param_error=error)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        torch.save(results, out_file)
+
+
+def test_fsdp2_student_step_equals_one_process(tmp_path):
+    """A fully_shard-ed Llama (layers, backbone, root) distilled with causal_lm_distillation_loss on
+    2 gloo processes takes the single-process SGD step: the untied LM head is a DTensor outside any
+    forward, gathered once and its gradient reduce-scattered. A tied head that fully_shard split from
+    the embeddings raises instead of training two copies."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out_file = str(tmp_path / "fsdp.pt")
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True)
+    results = torch.load(out_file)
+    untied = results[False]
+    assert untied["mean_loss"] == pytest.approx(untied["single_loss"], rel=1e-6)
+    assert untied["param_error"] < 1e-6
+    assert "tie_word_embeddings" in results[True]["error"]

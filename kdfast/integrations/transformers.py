@@ -144,6 +144,13 @@ def output_head(model: nn.Module, name: str = "model") -> OutputHead:
                         "the hidden states itself and needs a plain torch.nn.Linear head (weight [vocab, hidden]). "
                         "Quantised or adapter-wrapped heads are not supported: keep the head in full precision "
                         "and outside the adapter's target_modules")
+    tied = getattr(_text_config(model), "tie_word_embeddings", False)
+    embeddings = model.get_input_embeddings() if tied and hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", head.weight) is not head.weight:
+        # fully_shard puts a parameter shared by two FSDP units into each of them separately
+        raise ValueError(f"{name}'s config ties the LM head to the input embeddings, but they are now two different "
+                         "parameters (fully_shard of a module holding only one of them unties them). Keep the "
+                         "embeddings and the LM head in the same FSDP unit, or untie them (tie_word_embeddings=False)")
     # an FSDP2 DTensor: gathered once, its gradient reduce-scattered back to the shards (averaged)
     weight, bias = full_weight(head.weight), full_weight(head.bias)
     if weight.dim() != 2 or weight.numel() == 0:
