@@ -19,6 +19,11 @@ SKD_NORMALIZATIONS = ("layernorm", "l2", "standardize")
 DIVERGENCES = ("forward_kl", "reverse_kl", "mixed_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 
 
+#: the class-count bound of a vocabulary-parallel rank's local label and index checks: the labels are
+#: global, and the real bound (the global vocabulary size) is checked once it has been reduced
+UNBOUNDED_CLASSES = 1 << 62
+
+
 def tensor(name: str, value, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
            floating: bool = True) -> None:
     """A floating tensor of the right rank."""

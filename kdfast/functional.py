@@ -92,13 +92,10 @@ def _run_vocab_parallel(loss_name: str, student_logits, teacher_logits, target, 
     _checks.same_dtype_device("teacher_logits", teacher_logits, "student_logits", student_logits)
     if target is not None:  # global labels: the upper bound is checked once the vocabulary size is reduced
         _checks.target("target", target, batch_shape=student_logits.shape[:-1], ref_name="student_logits",
-                       ref=student_logits, num_classes=_UNBOUNDED_CLASSES, ignore_index=options["ignore_index"])
+                       ref=student_logits, num_classes=_checks.UNBOUNDED_CLASSES, ignore_index=options["ignore_index"])
     return vocab_parallel_loss(loss_name, student_logits, teacher_logits, target, group=group,
                                vocab_start_index=start, **options)
 
-
-#: the class-count bound of the local checks of vocabulary-parallel labels (the real one is global)
-_UNBOUNDED_CLASSES = 1 << 62
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
@@ -377,7 +374,7 @@ def topk_divergence_loss(student_logits: torch.Tensor, teacher_topk_indices: tor
         _check_logits("student_logits", student_logits)
     _checks.topk_teacher(teacher_topk_indices, teacher_topk_logprobs, batch_shape=student_logits.shape[:-1],
                          ref_name="student_logits", ref=student_logits,
-                         num_classes=_UNBOUNDED_CLASSES if parallel else student_logits.shape[-1])
+                         num_classes=_checks.UNBOUNDED_CLASSES if parallel else student_logits.shape[-1])
     _check_topk_options(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
                         temperature=temperature, teacher_temperature=teacher_temperature, t2_scaling=t2_scaling,
                         alpha=alpha, reverse_kl_floor=reverse_kl_floor, reduction=reduction,
@@ -388,7 +385,7 @@ def topk_divergence_loss(student_logits: torch.Tensor, teacher_topk_indices: tor
         from .parallel.vocab import vocab_parallel_loss
         if target is not None:
             _checks.target("target", target, batch_shape=student_logits.shape[:-1], ref_name="student_logits",
-                           ref=student_logits, num_classes=_UNBOUNDED_CLASSES, ignore_index=ignore_index)
+                           ref=student_logits, num_classes=_checks.UNBOUNDED_CLASSES, ignore_index=ignore_index)
         return vocab_parallel_loss(
             "topk_divergence_loss", student_logits, (teacher_topk_indices, teacher_topk_logprobs), target,
             group=vocab_parallel_group, vocab_start_index=vocab_start_index, divergence=divergence, beta=beta,

@@ -302,9 +302,6 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, targe
                        ignore_index=ignore_index)
 
 
-#: the class-count bound of the local checks of vocabulary-parallel labels (the real one is global)
-_UNBOUNDED_CLASSES = 1 << 62
-
 
 def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
                   teacher_bias, chunk_size, accum_dtype, backend, options, transforms=(None, None),
@@ -316,7 +313,7 @@ def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, tea
         teacher_weight, teacher_bias = full_weight(teacher_weight), full_weight(teacher_bias)
     _check(student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias, teacher_bias,
            options["reduction"], chunk_size, options["ignore_index"],
-           num_classes=_UNBOUNDED_CLASSES if parallel else None)
+           num_classes=_checks.UNBOUNDED_CLASSES if parallel else None)
     if options["alpha"] < 1 and target is None:
         raise ValueError(f"target is required when alpha < 1 (alpha={options['alpha']} weights a CE term)")
     if parallel:

@@ -28,9 +28,6 @@ from .topk import reduce_loss_rows, row_weights, topk_options, topk_rows_
 
 __all__ = ["fused_linear_topk_divergence_loss"]
 
-#: the class-count bound of the local checks of vocabulary-parallel indices (the real one is global)
-_UNBOUNDED_CLASSES = 1 << 62
-
 
 class _FusedLinearTopK(torch.autograd.Function):
     """Forward: the loss and every student gradient, chunk by chunk; backward: scales them."""
@@ -174,7 +171,7 @@ def fused_linear_topk_divergence_loss(student_hidden: torch.Tensor, student_weig
     if not parallel:
         student_weight, student_bias = full_weight(student_weight), full_weight(student_bias)
     _check(student_hidden, student_weight, student_bias, reduction, chunk_size, ignore_index, accum_dtype)
-    vocab = _UNBOUNDED_CLASSES if parallel else student_weight.shape[0]
+    vocab = _checks.UNBOUNDED_CLASSES if parallel else student_weight.shape[0]
     _checks.topk_teacher(teacher_topk_indices, teacher_topk_logprobs, batch_shape=student_hidden.shape[:-1],
                          ref_name="student_hidden", ref=student_hidden, num_classes=vocab)
     _check_topk_options(divergence=divergence, beta=beta, mixed_kl_weight=mixed_kl_weight, tail=tail,
