@@ -92,10 +92,10 @@ def _run_vocab_parallel(loss_name: str, student_logits, teacher_logits, target, 
     _checks.same_dtype_device("teacher_logits", teacher_logits, "student_logits", student_logits)
     if target is not None:  # global labels: the upper bound is checked once the vocabulary size is reduced
         _checks.target("target", target, batch_shape=student_logits.shape[:-1], ref_name="student_logits",
-                       ref=student_logits, num_classes=_checks.UNBOUNDED_CLASSES, ignore_index=options["ignore_index"])
+                       ref=student_logits, num_classes=_checks.UNBOUNDED_CLASSES,
+                       ignore_index=options["ignore_index"])
     return vocab_parallel_loss(loss_name, student_logits, teacher_logits, target, group=group,
                                vocab_start_index=start, **options)
-
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,

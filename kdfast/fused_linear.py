@@ -302,7 +302,6 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, targe
                        ignore_index=ignore_index)
 
 
-
 def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
                   teacher_bias, chunk_size, accum_dtype, backend, options, transforms=(None, None),
                   vocab_parallel_group=None, vocab_start_index=None):
