@@ -673,3 +673,37 @@ def test_empty_shard(pool):
         assert_matches(result["loss"], want_loss, tolerance(F64)[0], "loss", per_entry=True)
     assert_matches(torch.cat([r["grad"] for r in results], dim=-1), want_grad, tolerance(F64)[1], "grad",
                    per_entry=False)
+
+
+# --- chunks of rows -------------------------------------------------------------------------------
+
+def chunked_loss_task(rank, world, *args, chunk_elements=8):
+    """``loss_task`` with the engine's chunk of rows shrunk to a few rows (the default holds every
+    row of these small problems in one chunk)."""
+    from kdfast.parallel import vocab
+    saved = vocab.CHUNK_ELEMENTS
+    vocab.CHUNK_ELEMENTS = chunk_elements
+    try:
+        return loss_task(rank, world, *args)
+    finally:
+        vocab.CHUNK_ELEMENTS = saved
+
+
+@pytest.mark.parametrize("loss, options", [
+    ("kd_loss", dict(alpha=0.5, temperature=2.0)),
+    ("divergence_loss", dict(divergence="jsd", beta=0.3, alpha=0.7)),
+    ("skd_loss", dict(normalize="layernorm", alpha=0.7)),
+    ("topk_divergence_loss", dict(tail="bucket", alpha=0.6)),
+], ids=["kd", "jsd", "skd", "topk"])
+def test_chunked_rows_equal_the_reference_with_the_same_collectives(pool, loss, options):
+    """Rows split into chunks of 1–2 rows: the same loss and gradient, and still one collective per
+    level (the chunks are joined before each all-reduce)."""
+    splits = SPLITS[pool.world_size]
+    options = dict(options, reduction="none")
+    results = pool.run(chunked_loss_task, loss, splits, "f64", options, "random")
+    want_loss, want_grad = reference(loss, splits, "f64", options, "random")
+    for result in results:
+        assert_matches(result["loss"], want_loss, tolerance(F64)[0], "loss", per_entry=True)
+    assert_matches(torch.cat([r["grad"] for r in results], dim=-1), want_grad, tolerance(F64)[1], "grad",
+                   per_entry=False)
+    check_collectives(results, expected_ops(loss, options), f"{loss} chunked")

@@ -38,8 +38,11 @@ Semantics equal the single-process losses: masked (−inf) columns, NaN rows (a 
 makes the row NaN everywhere), ignored rows, every reduction and ``num_items_in_batch``. Every
 rank returns the same loss; count it once.
 
-This path is plain PyTorch ops on the local columns (a few passes over the [rows, V_r] shard);
-its point is the communication: O(rows) values per collective, never the [rows, V] logits.
+This path is plain PyTorch ops on the local columns, a chunk of rows at a time (bounded
+temporaries; one pass for the maxima, one per level, one for the gradient, each recomputing the
+chunk's elementwise terms): its point is the communication, O(rows) values per collective, never
+the [rows, V] logits. Its arithmetic is not a fused kernel: on one CPU thread, kd_loss at
+2048 × 16000 fp32 takes about 1 s here against 0.06 s for the single-process fused kernel.
 """
 from __future__ import annotations
 
@@ -145,12 +148,11 @@ def _all_reduce_max_and_sum(maxima: torch.Tensor, sums: torch.Tensor, group):
 # --- helpers on local columns --------------------------------------------------------------------
 
 def row_max(x: torch.Tensor) -> torch.Tensor:
-    """Row maxima of the local columns, detached; NaN ignored (NaN rows are tracked separately) and
-    −inf for a rank without columns."""
+    """Row maxima of the local columns, detached; −inf for a rank without columns. A NaN maximum
+    only occurs in a NaN row, which is NaN whatever its shift (:func:`finite_shift`)."""
     if x.shape[-1] == 0:
         return x.new_full(x.shape[:-1], NEG_INF)
-    x = x.detach()
-    return torch.where(x.isnan(), torch.full((), NEG_INF, dtype=x.dtype, device=x.device), x).amax(dim=-1)
+    return x.detach().amax(dim=-1)
 
 
 def finite_shift(m: torch.Tensor) -> torch.Tensor:
@@ -194,27 +196,48 @@ def owned_values(x: torch.Tensor, global_index: torch.Tensor, shard: VocabShard,
 
 @dataclass
 class Context:
-    """What a form computes on the local columns; ``student`` is the autograd leaf."""
-    student: torch.Tensor
+    """What a form computes. The row context of a call holds per-row values only (``local``:
+    shifts, top-k bookkeeping); a chunk context holds a block of rows of the local columns
+    (``student`` the autograd leaf, ``teacher``) and the per-row values sliced to its rows."""
+    student: Optional[torch.Tensor]
     teacher: Optional[torch.Tensor]
     target: Optional[torch.Tensor]   #: global labels, ignored rows as 0
     valid: torch.Tensor
     shard: VocabShard
     local: dict = field(default_factory=dict)
 
+    def rows(self, block: slice, student, teacher) -> "Context":
+        """The chunk context of rows ``block`` (per-row values sliced, column tensors given)."""
+        local = {k: v[block] if isinstance(v, torch.Tensor) else v for k, v in self.local.items()}
+        return Context(student, teacher, None if self.target is None else self.target[block], self.valid[block],
+                       self.shard, local)
+
 
 class RowForm:
-    """A vocabulary-parallel row loss: ``prepare`` builds the local quantities (with autograd from
-    ``ctx.student``) and returns the row maxima to MAX-reduce (or None); each of ``levels`` returns
-    ``(sums, constants)`` of the local columns — ``sums`` [n, m] differentiable, ``constants`` [n, c]
-    not — given the reduced totals of the previous levels; ``loss`` returns ℓ [n] from the reduced
-    totals alone. ``max_with_first_level``: the MAX needs none of the first level's totals and
-    travels concurrently with it (SKD)."""
+    """A vocabulary-parallel row loss.
+
+    * ``setup(ctx)``: per-row values of the whole call (row context).
+    * ``prepare(chunk)``: the local quantities of a chunk (with autograd from ``chunk.student``).
+    * ``maxima(chunk)``: the chunk's row maxima to MAX-reduce, or None (after ``prepare``).
+    * ``after_max(ctx, maxima)``: store the reduced maxima (row context).
+    * ``levels``: each returns ``(sums, constants)`` of a chunk's local columns — ``sums`` [n, m]
+      differentiable, ``constants`` [n, c] not — given the chunk's rows of the previous levels'
+      reduced totals.
+    * ``loss(ctx, totals, constants)``: ℓ [N] from the reduced totals alone (row context).
+
+    ``max_with_first_level``: the MAX needs none of the first level's totals and travels
+    concurrently with it (SKD)."""
     max_with_first_level = False
     levels: Sequence[Callable] = ()
 
-    def prepare(self, ctx: Context) -> Optional[torch.Tensor]:
+    def setup(self, ctx: Context) -> None:
+        pass
+
+    def prepare(self, ctx: Context) -> None:
         raise NotImplementedError
+
+    def maxima(self, ctx: Context) -> Optional[torch.Tensor]:
+        return None
 
     def after_max(self, ctx: Context, maxima: Optional[torch.Tensor]) -> None:
         ctx.local["max"] = None if maxima is None else finite_shift(maxima)
@@ -235,87 +258,146 @@ def _row_jacobians(sums: torch.Tensor, leaves: list) -> list:
     return [torch.stack([col[k] for col in columns], dim=1) for k in range(len(leaves))]
 
 
+#: elements of local columns per chunk of rows: the per-chunk temporaries (a few chunks' worth) are
+#: reused by the allocator instead of a fresh [rows, V_r] tensor per operation
+CHUNK_ELEMENTS = 1 << 21
+
+
 def parallel_rows(form: RowForm, student: torch.Tensor, teacher: Optional[torch.Tensor], target: Optional[torch.Tensor],
                   ignore_index: Optional[int], shard: VocabShard, row_weight: Callable, *, compute_grad: bool,
                   grad_dtype: Optional[torch.dtype] = None):
-    """Run ``form`` on local [n, V_r] columns. Returns (ℓ [n] in the compute dtype, 0 on ignored
-    rows and NaN on NaN rows; the gradient ``row_weight(ℓ-independent totals)``-weighted of the
-    local columns, or None; the global vocabulary size as a 0-dim tensor).
+    """Run ``form`` on local [N, V_r] columns. Returns (ℓ [N] in the compute dtype, 0 on ignored
+    rows and NaN on NaN or undefined rows; the local gradient weighted by ``row_weight``, or None;
+    the global vocabulary size as a 0-dim tensor).
 
-    ``row_weight(vocab)`` gives d(reduced loss)/dℓ_n as an [n] tensor, from the global vocabulary
-    size (a 0-dim tensor, known after the first level; no host synchronisation)."""
+    ``row_weight(vocab)`` gives d(reduced loss)/dℓ_n as an [N] tensor, from the global vocabulary
+    size (a 0-dim tensor, known after the first level; no host synchronisation).
+
+    The columns are visited a chunk of rows at a time, each pass recomputing the chunk's
+    elementwise quantities: once for the maxima, once per level, once for the gradient. The
+    collectives carry all the rows at once (one per level), so the chunking adds none."""
     dtype = compute_dtype(student.dtype)
     rows = student.shape[0]
-    valid, safe_target = valid_rows(target, ignore_index, rows, student.device)
+    device = student.device
+    valid, safe_target = valid_rows(target, ignore_index, rows, device)
+    ctx = Context(None, None, safe_target, valid, shard)
+    form.setup(ctx)
+    step = max(1, CHUNK_ELEMENTS // max(shard.size, 1))
+    # no rows: one empty block, so that every rank still computes (empty) sums and joins the collectives
+    blocks = [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
+    student, teacher = student.detach(), None if teacher is None else teacher.detach()
+
+    # ignored rows compute from zeros (masking costs a pass: skipped on CPU when every row counts)
+    mask = device.type != "cpu" or not bool(valid.all())
+
+    def chunk(block: slice, grad: bool, want_maxima: bool = False):
+        """The chunk context of ``block`` with its local quantities (and its row maxima)."""
+        leaf, part = student[block].to(dtype), None if teacher is None else teacher[block].to(dtype)
+        if mask:
+            leaf, part = mask_rows(leaf, valid[block]), mask_rows(part, valid[block])
+        sub = ctx.rows(block, leaf.detach().requires_grad_(grad), part)
+        form.prepare(sub)
+        return sub, form.maxima(sub) if want_maxima else None
+
+    def level_sums(sub: Context, level: int, block: slice, totals: list, constants: list):
+        leaves = [t[block].detach().requires_grad_(t.requires_grad) for t in totals]
+        sums, consts = form.levels[level](sub, leaves, [c[block] for c in constants])
+        return sums, consts, leaves
+
+    nan = torch.full((), math.nan, dtype=dtype, device=device)
+    with torch.no_grad():
+        maxima = None
+        if not form.max_with_first_level:
+            parts = [chunk(block, False, want_maxima=True)[1] for block in blocks]
+            if parts and parts[0] is not None:
+                maxima = torch.cat(parts) if len(parts) > 1 else parts[0]
+                form.after_max(ctx, _all_reduce(maxima, "max", shard.group))
+    totals, constants, jacobians = [], [], []
+    nan_count = torch.zeros(rows, dtype=dtype, device=device)
+    vocab = torch.full((), float(shard.size), dtype=dtype, device=device)
+    for level in range(len(form.levels)):
+        need_jacobians = compute_grad and level > 0
+        packed_parts, first_maxima = [], []
+        for block in blocks:
+            with torch.enable_grad() if need_jacobians else torch.no_grad():
+                first = level == 0
+                sub, chunk_maxima = chunk(block, False, want_maxima=first and form.max_with_first_level)
+                if first:
+                    first_maxima.append(chunk_maxima)
+                    # a row sum is NaN when the row holds a NaN (or both infinities: undefined too)
+                    nan_count[block] = sub.student.detach().sum(dim=-1).isnan().to(dtype)
+                    if sub.teacher is not None:
+                        nan_count[block] += sub.teacher.sum(dim=-1).isnan().to(dtype)
+                sums, consts, leaves = level_sums(sub, level, block, totals, constants)
+                jac = _row_jacobians(sums, leaves) if need_jacobians else \
+                    [sums.new_zeros(sums.shape + t.shape[-1:]) for t in totals] if compute_grad else []
+            packed_parts.append(torch.cat([sums.detach(), consts.to(sums.dtype)] + [j.flatten(1).to(sums.dtype) for j in jac],
+                                           dim=-1))
+        packed = torch.cat(packed_parts) if len(packed_parts) > 1 else packed_parts[0]
+        if level == 0:  # NaN counts and the local width travel with the first level
+            extra = [nan_count, torch.full((rows,), float(shard.size), dtype=packed.dtype, device=device)]
+            packed = torch.cat([packed] + [e.to(packed.dtype).unsqueeze(-1) for e in extra], dim=-1)
+        if level == 0 and form.max_with_first_level and first_maxima and first_maxima[0] is not None:
+            maxima = torch.cat(first_maxima)
+            reduced_max, packed = _all_reduce_max_and_sum(maxima, packed, shard.group)
+            form.after_max(ctx, reduced_max)
+        else:
+            packed = _all_reduce(packed, "sum", shard.group)
+        m, c = sums.shape[-1], consts.shape[-1]
+        totals.append(packed[:, :m].clone().requires_grad_(compute_grad))
+        constants.append(packed[:, m:m + c])
+        offset = m + c
+        reduced_jac = []
+        for previous in totals[:-1]:
+            size = m * previous.shape[-1]
+            reduced_jac.append(packed[:, offset:offset + size].reshape(rows, m, previous.shape[-1]))
+            offset += size
+        jacobians.append(reduced_jac)
+        if level == 0 and rows:
+            nan_count, vocab = packed[:, offset], packed[0, offset + 1]
+
     with torch.enable_grad() if compute_grad else torch.no_grad():
-        leaf = student.detach().to(dtype)
-        leaf = mask_rows(leaf, valid).requires_grad_(compute_grad)
-        teacher = None if teacher is None else mask_rows(teacher.detach().to(dtype), valid)
-        ctx = Context(leaf, teacher, safe_target, valid, shard)
-        maxima = form.prepare(ctx)
-        nan_count = leaf.detach().isnan().sum(dim=-1).to(dtype)
-        if teacher is not None:
-            nan_count = nan_count + teacher.isnan().sum(dim=-1).to(dtype)
-        width = torch.full((rows,), float(shard.size), dtype=dtype, device=leaf.device)
-        if maxima is not None and not form.max_with_first_level:
-            form.after_max(ctx, _all_reduce(maxima, "max", shard.group))
-        totals, constants, local_sums, jacobians = [], [], [], []
-        for index, level in enumerate(form.levels):
-            sums, consts = level(ctx, totals, constants)
-            jac = _row_jacobians(sums, totals) if compute_grad else []
-            extra = [nan_count, width] if index == 0 else []
-            parts = [sums.detach(), consts] + [t.unsqueeze(-1) for t in extra] + [j.flatten(1) for j in jac]
-            packed = torch.cat([p.to(sums.dtype) for p in parts], dim=-1)
-            if index == 0 and form.max_with_first_level and maxima is not None:
-                reduced_max, packed = _all_reduce_max_and_sum(maxima, packed, shard.group)
-                form.after_max(ctx, reduced_max)
-            else:
-                packed = _all_reduce(packed, "sum", shard.group)
-            m, c = sums.shape[-1], consts.shape[-1]
-            total = packed[:, :m].detach().requires_grad_(compute_grad)
-            constants.append(packed[:, m:m + c])
-            offset = m + c
-            if index == 0:
-                nan_count, vocab = packed[:, offset], packed[0, offset + 1] if rows else packed.new_zeros(())
-                offset += 2
-            reduced_jac = []
-            for previous, j in zip(totals, jac):
-                size = j.shape[1] * j.shape[2]
-                reduced_jac.append(packed[:, offset:offset + size].reshape(j.shape))
-                offset += size
-            totals.append(total)
-            local_sums.append(sums)
-            jacobians.append(reduced_jac)
-        if not form.levels:
-            vocab = torch.full((), float(shard.size), dtype=dtype, device=leaf.device)
         ell = form.loss(ctx, totals, constants)
-        # a NaN input anywhere in the row, an undefined row (e.g. wholly −inf: its loss is NaN) → NaN row
-        bad = valid & ((nan_count > 0) | ell.detach().isnan() | ctx.local.get("undefined", torch.zeros_like(valid)))
-        nan = torch.full((), math.nan, dtype=dtype, device=leaf.device)
-        ell_out = torch.where(bad, nan, torch.where(valid, ell.detach(), torch.zeros_like(ell.detach())))
-        if not compute_grad:
-            return ell_out, None, vocab
-        weight = torch.where(valid, row_weight(vocab).to(dtype), torch.zeros((), dtype=dtype, device=leaf.device))
-        partial = torch.autograd.grad((torch.where(valid, ell, torch.zeros_like(ell)) * weight).sum(), totals,
-                                      retain_graph=False, allow_unused=True)
-        adjoints: list = [None] * len(totals)
-        for level in reversed(range(len(totals))):
-            adjoint = torch.zeros_like(totals[level]) if partial[level] is None else partial[level].detach()
-            for later in range(level + 1, len(totals)):
-                adjoint = adjoint + torch.einsum("ni,nik->nk", adjoints[later], jacobians[later][level])
-            adjoints[level] = adjoint
-        pairs = [(s, a) for s, a in zip(local_sums, adjoints) if s.requires_grad]
-        grad = None
-        if pairs:
-            grad, = torch.autograd.grad([s for s, _ in pairs], leaf, [a for _, a in pairs], allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(leaf)
-        grad = torch.where(bad.unsqueeze(-1), nan, torch.where(valid.unsqueeze(-1), grad, torch.zeros((), dtype=dtype,
-                                                                                                   device=leaf.device)))
-    return ell_out, grad.to(grad_dtype or student.dtype), vocab
+    # a NaN input anywhere in the row, an undefined row (e.g. wholly −inf: its loss is NaN) → NaN row
+    bad = valid & ((nan_count > 0) | ell.detach().isnan() | ctx.local.get("undefined", torch.zeros_like(valid)))
+    ell_out = torch.where(bad, nan, torch.where(valid, ell.detach(), torch.zeros_like(ell.detach())))
+    if not compute_grad:
+        return ell_out, None, vocab
+
+    weight = torch.where(valid, row_weight(vocab).to(dtype), torch.zeros((), dtype=dtype, device=device))
+    with torch.enable_grad():  # (an autograd.Function's forward runs with grad mode off)
+        weighted = (torch.where(valid, ell, torch.zeros_like(ell)) * weight).sum()
+    partial = torch.autograd.grad(weighted, totals, allow_unused=True)
+    adjoints: list = [None] * len(totals)
+    for level in reversed(range(len(totals))):
+        adjoint = torch.zeros_like(totals[level]) if partial[level] is None else partial[level].detach()
+        for later in range(level + 1, len(totals)):
+            adjoint = adjoint + torch.einsum("ni,nik->nk", adjoints[later], jacobians[later][level])
+        adjoints[level] = adjoint
+    grad = torch.empty((rows, shard.size), dtype=grad_dtype or student.dtype, device=device)
+    for block in blocks:
+        with torch.enable_grad():
+            sub, _ = chunk(block, True)
+            pairs = []
+            for level in range(len(form.levels)):
+                sums, _, _ = level_sums(sub, level, block, totals, constants)
+                if sums.requires_grad:
+                    pairs.append((sums, adjoints[level][block]))
+            local = torch.autograd.grad([s for s, _ in pairs], sub.student, [a for _, a in pairs],
+                                        allow_unused=True)[0] if pairs else None
+        if local is None:
+            local = torch.zeros_like(sub.student)
+        keep = valid[block].unsqueeze(-1)
+        local = torch.where(keep, local, torch.zeros((), dtype=dtype, device=device))
+        grad[block] = torch.where(bad[block].unsqueeze(-1), nan, local)
+    return ell_out, grad, vocab
 
 
 # --- the forms -----------------------------------------------------------------------------------
+
+def _divided(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    return x if temperature == 1.0 else x / temperature
+
 
 def _ce_sums(ctx: Context, logits_t1: torch.Tensor, shift: torch.Tensor) -> List[torch.Tensor]:
     """The CE term's local sums at T = 1: Σ e^{z − M₁} and the label's logit (owner only)."""
@@ -354,10 +436,12 @@ class DenseDivergence(RowForm):
 
     def prepare(self, ctx):
         z_s, z_t = self.student_logits(ctx), self.teacher_logits(ctx)
-        ctx.local.update(z_s=z_s, a=z_s / self.temperature, b=z_t / self.temperature)
+        ctx.local.update(z_s=z_s, a=_divided(z_s, self.temperature), b=_divided(z_t, self.temperature))
+
+    def maxima(self, ctx):
         maxima = [row_max(ctx.local["a"]), row_max(ctx.local["b"])]
         if self.alpha < 1:
-            maxima.append(row_max(z_s))
+            maxima.append(row_max(ctx.local["z_s"]))
         return torch.stack(maxima, dim=-1)
 
     def level_one(self, ctx, totals, constants):
@@ -427,6 +511,9 @@ class Spherical(DenseDivergence):
         self.levels = (self.level_zero, self.level_one_sphere)
 
     def prepare(self, ctx):
+        pass
+
+    def maxima(self, ctx):
         return torch.stack([row_max(ctx.student), row_max(ctx.teacher)], dim=-1)
 
     def after_max(self, ctx, maxima):
@@ -449,6 +536,19 @@ class Spherical(DenseDivergence):
         var = (square - vocab * mean * mean) / (vocab - 1).clamp_min(1)
         return mean, torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) + self.eps
 
+    def _shifts(self, ctx, totals, constants, dtype):
+        """The row maxima of h/T (student, teacher) and of h (CE): max h = κ(max z − centre)/divisor,
+        the map being increasing; constants, so they carry no gradient."""
+        with torch.no_grad():
+            vocab = constants[0][:, 2]
+            centre_s, div_s = self._centre_and_scale(totals[0][:, 0], totals[0][:, 1], vocab)
+            centre_t, div_t = self._centre_and_scale(constants[0][:, 0], constants[0][:, 1], vocab)
+            z_max = ctx.local["z_max"].to(torch.float64)
+            shift_s = self.multiplier * (z_max[:, 0] - centre_s) / div_s
+            shift_t = self.multiplier * (z_max[:, 1] - centre_t) / div_t
+            t = self.temperature
+            return finite_shift(torch.stack([shift_s / t, shift_t / t, shift_s], dim=-1).to(dtype))
+
     def level_one_sphere(self, ctx, totals, constants):
         dtype = ctx.student.dtype
         vocab = constants[0][:, 2]
@@ -458,17 +558,13 @@ class Spherical(DenseDivergence):
         kappa, temperature = self.multiplier, self.temperature
         h_s = kappa * (ctx.student - centre_s.to(dtype).unsqueeze(-1)) / div_s.to(dtype).unsqueeze(-1)
         h_t = kappa * (ctx.teacher - centre_t.to(dtype).unsqueeze(-1)) / div_t.to(dtype).unsqueeze(-1)
-        with torch.no_grad():                                    # max h = κ(max z − centre)/divisor
-            z_max = ctx.local["z_max"].to(torch.float64)
-            shift_s = kappa * (z_max[:, 0] - centre_s) / div_s
-            shift_t = kappa * (z_max[:, 1] - centre_t) / div_t
-            shifts = torch.stack([shift_s / temperature, shift_t / temperature, shift_s], dim=-1)
-        ctx.local.update(z_s=h_s, a=h_s / temperature, b=h_t / temperature, max=finite_shift(shifts.to(dtype)))
-        sums, consts = self.level_one(ctx, totals, constants)
-        return sums, consts
+        ctx.local.update(z_s=h_s, a=h_s / temperature, b=h_t / temperature,
+                         max=self._shifts(ctx, totals, constants, dtype))
+        return self.level_one(ctx, totals, constants)
 
     def loss(self, ctx, totals, constants):
-        # the FKL form of DenseDivergence reading level one (totals[1], constants[1])
+        # the forward-KL form of DenseDivergence reading level one (totals[1], constants[1])
+        ctx.local["max"] = self._shifts(ctx, totals, constants, totals[1].dtype)
         return super().loss(ctx, totals[1:], constants[1:])
 
 
@@ -490,16 +586,22 @@ class TopK(RowForm):
         self.needs_max = not (tail == "renormalize_both" and alpha == 1)
         self.levels = (self.level_one,)
 
-    def prepare(self, ctx):
+    def setup(self, ctx):
         real = (self.logprobs > NEG_INF) & ctx.valid.unsqueeze(-1)
         check_distinct(self.indices, real)
-        indices = torch.where(real, self.indices, torch.zeros_like(self.indices))
+        ctx.local.update(real=real, indices=torch.where(real, self.indices, torch.zeros_like(self.indices)))
+        if not self.needs_max:  # no exp over the vocabulary: no shift
+            ctx.local["max"] = torch.zeros(real.shape[0], 2, dtype=compute_dtype(self.logprobs.dtype),
+                                           device=real.device)
+
+    def prepare(self, ctx):
         z = transform_logits(ctx.student, *self.transform)
-        ctx.local.update(z=z, a=z / self.temperature, real=real, indices=indices)
+        ctx.local.update(z=z, a=_divided(z, self.temperature))
+
+    def maxima(self, ctx):
         if not self.needs_max:
-            ctx.local["max"] = torch.zeros(z.shape[0], 2, dtype=z.dtype, device=z.device)
             return None
-        return torch.stack([row_max(ctx.local["a"]), row_max(z)], dim=-1)
+        return torch.stack([row_max(ctx.local["a"]), row_max(ctx.local["z"])], dim=-1)
 
     def level_one(self, ctx, totals, constants):
         a, m, real, indices = ctx.local["a"], ctx.local["max"], ctx.local["real"], ctx.local["indices"]
