@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 from ..reference._common import compute_dtype, valid_rows
+from ..topk import reduce_loss_rows, row_weights
 from .vocab import (NEG_INF, DenseDivergence, Spherical, TopK, VocabShard, _check_in_vocabulary, _issue,
-                    is_dtensor, parallel_rows, reduce_rows, row_weight_fn, vocab_shard)
+                    is_dtensor, parallel_rows, vocab_shard)
 
 __all__ = ["full_weight", "vocab_parallel_linear_loss"]
 
@@ -130,7 +131,6 @@ def vocab_parallel_linear_loss(loss_name: str, hidden: torch.Tensor, weight: tor
     dtype = compute_dtype(hidden.dtype)
     flat_target = None if target is None else target.reshape(-1).long()
     valid, _ = valid_rows(flat_target, ignore_index, rows, hidden.device)
-    weight_of = row_weight_fn(valid, reduction, num_items_in_batch, dtype)
     if loss_name == "topk_divergence_loss":
         indices, logprobs = teacher
     else:
@@ -154,7 +154,7 @@ def vocab_parallel_linear_loss(loss_name: str, hidden: torch.Tensor, weight: tor
                 teacher_logits = torch.nn.functional.linear(teacher_hidden[start:stop].detach().to(dtype),
                                                             teacher_weight, teacher_bias)
         loss_rows, grad, vocab = parallel_rows(form, logits, teacher_logits, chunk_target, ignore_index, shard,
-                                               lambda v: weight_of(v)[start:stop], compute_grad=compute_grad,
+                                               lambda v: row_weights(valid, reduction, v, num_items_in_batch, dtype)[start:stop], compute_grad=compute_grad,
                                                grad_dtype=dtype)
         if chunk_target is not None:
             _check_in_vocabulary("target", chunk_target, valid[start:stop], vocab)
@@ -165,7 +165,7 @@ def vocab_parallel_linear_loss(loss_name: str, hidden: torch.Tensor, weight: tor
     def reduce(loss_rows, vocab):
         if vocab is None:  # no rows
             vocab = torch.ones((), dtype=dtype, device=hidden.device)
-        return reduce_rows(loss_rows, valid, reduction, num_items_in_batch, vocab)
+        return reduce_loss_rows(loss_rows, valid, reduction, vocab, num_items_in_batch)
 
     problem = dict(chunk_size=chunk_size, run_chunk=run_chunk, reduce=reduce, shard=shard)
     return _VocabParallelLinear.apply(hidden, weight, bias, problem)

@@ -58,9 +58,10 @@ import torch.distributed as dist
 from ..reference._common import compute_dtype, mask_rows, valid_rows
 from ..reference.divergence import divergence_rows, kl_terms, transform_logits
 from ..reference.topk import BUCKET_DROP_MASS, canonical_divergence, check_distinct, log1mexp
+from ..topk import reduce_loss_rows, row_weights
 
 __all__ = ["VocabShard", "vocab_shard", "record_collectives", "RowForm", "DenseDivergence", "Spherical",
-           "TopK", "parallel_row_loss", "parallel_rows"]
+           "TopK", "parallel_rows", "vocab_parallel_loss"]
 
 NEG_INF = -math.inf
 
@@ -82,6 +83,8 @@ class VocabShard:
 def vocab_shard(group, vocab_start_index: Optional[int], local_size: int, name: str = "vocab_start_index") -> VocabShard:
     """The shard of the calling rank; ``vocab_start_index=None`` means equal shards in rank order
     (Megatron's padded vocabulary): start = rank·V_local."""
+    if group is None:
+        raise ValueError("vocab_start_index needs vocab_parallel_group (the tensor-parallel process group)")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_group needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")
@@ -693,35 +696,7 @@ class TopK(RowForm):
         return loss
 
 
-# --- reduction and autograd ----------------------------------------------------------------------
-
-def row_weight_fn(valid: torch.Tensor, reduction: str, num_items, dtype: torch.dtype) -> Callable:
-    """d(reduced loss)/dℓ_n from the global vocabulary size (a 0-dim tensor; "mean" divides by it)."""
-    def weight(vocab: torch.Tensor) -> torch.Tensor:
-        w = valid.to(dtype)
-        if num_items is not None and reduction == "batchmean":
-            divisor = num_items.to(device=valid.device, dtype=dtype) if isinstance(num_items, torch.Tensor) \
-                else float(num_items)
-            return w / divisor
-        if reduction in ("batchmean", "mean"):
-            count = valid.sum().clamp_min(1).to(dtype)
-            return w / (count * vocab.to(dtype)) if reduction == "mean" else w / count
-        return w
-    return weight
-
-
-def reduce_rows(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str, num_items, vocab: torch.Tensor):
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    if reduction == "sum":
-        return total
-    if num_items is not None and reduction == "batchmean":
-        return total / (num_items.to(device=total.device, dtype=total.dtype) if isinstance(num_items, torch.Tensor)
-                        else num_items)
-    count = valid.sum().clamp_min(1).to(total.dtype)
-    return total / (count * vocab.to(total.dtype)) if reduction == "mean" else total / count
-
+# --- autograd ----------------------------------------------------------------------------------
 
 class _ParallelRowLoss(torch.autograd.Function):
     """The loss in the forward with its local gradient; backward scales the saved gradient."""
@@ -740,24 +715,6 @@ class _ParallelRowLoss(torch.autograd.Function):
         if upstream.dim():
             upstream = upstream.unsqueeze(-1)
         return (grad * upstream).to(ctx.input_dtype), None
-
-
-def parallel_row_loss(form: RowForm, student: torch.Tensor, teacher: Optional[torch.Tensor],
-                      target: Optional[torch.Tensor], *, ignore_index, reduction: str, num_items_in_batch,
-                      shard: VocabShard) -> torch.Tensor:
-    """The reduced vocabulary-parallel loss of 2-D local columns (autograd through the student)."""
-    dtype = compute_dtype(student.dtype)
-    valid, _ = valid_rows(target, ignore_index, student.shape[0], student.device)
-    weight = row_weight_fn(valid, reduction, num_items_in_batch, dtype)
-
-    def run(values: torch.Tensor, compute_grad: bool):
-        loss_rows, grad, vocab = parallel_rows(form, values, teacher, target, ignore_index, shard, weight,
-                                               compute_grad=compute_grad, grad_dtype=dtype)
-        return reduce_rows(loss_rows, valid, reduction, num_items_in_batch, vocab), grad
-
-    if student.requires_grad and torch.is_grad_enabled():
-        return _ParallelRowLoss.apply(student, run)
-    return run(student.detach(), False)[0]
 
 
 # --- entry points of the public losses -----------------------------------------------------------
@@ -806,8 +763,6 @@ def local_logits(student_logits, teacher_logits, group, vocab_start_index):
     elif teacher_logits is not None and is_dtensor(teacher_logits):
         raise ValueError("teacher_logits is a DTensor but student_logits is not; pass both as DTensors sharded on "
                          "the vocabulary, or both as local shards with vocab_parallel_group")
-    elif group is None:
-        raise ValueError("vocab_start_index needs vocab_parallel_group (the tensor-parallel process group)")
     return student_logits, teacher_logits, group, vocab_start_index
 
 
@@ -850,7 +805,9 @@ def vocab_parallel_loss(loss_name: str, student_logits: torch.Tensor, teacher, t
     shard = vocab_shard(group, vocab_start_index, rows.shape[-1])
     dtype = compute_dtype(rows.dtype)
     valid, _ = valid_rows(flat_target, ignore_index, rows.shape[0], rows.device)
-    weight = row_weight_fn(valid, reduction, num_items_in_batch, dtype)
+
+    def weight(vocab: torch.Tensor) -> torch.Tensor:  # the global vocabulary size is known after level one
+        return row_weights(valid, reduction, vocab, num_items_in_batch, dtype)
 
     def run(values: torch.Tensor, compute_grad: bool):
         loss_rows, grad, vocab = parallel_rows(form, values, teacher_rows, flat_target, ignore_index, shard, weight,
@@ -859,7 +816,7 @@ def vocab_parallel_loss(loss_name: str, student_logits: torch.Tensor, teacher, t
             _check_in_vocabulary("target", flat_target, valid, vocab)
         if isinstance(form, TopK):
             _check_in_vocabulary("teacher_topk_indices", form.indices, form.logprobs > NEG_INF, vocab)
-        return reduce_rows(loss_rows, valid, reduction, num_items_in_batch, vocab), grad
+        return reduce_loss_rows(loss_rows, valid, reduction, vocab, num_items_in_batch), grad
 
     if rows.requires_grad and torch.is_grad_enabled():
         loss = _ParallelRowLoss.apply(rows, run)
