@@ -109,17 +109,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     With ``vocab_parallel_group`` (or DTensor logits sharded on the last dimension) both logit
     tensors are this rank's vocabulary shard (see :mod:`kdfast.parallel.vocab`).
     """
+    _checks.tensor("student_logits", student_logits, min_ndim=1)  # the rest once local
+    _check_distill_options(temperature, alpha, reduction, target)
+    _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
     if _is_vocab_parallel(student_logits, vocab_parallel_group, vocab_start_index):
-        _checks.tensor("student_logits", student_logits, min_ndim=1)
-        _check_distill_options(temperature, alpha, reduction, target)
-        _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
         return _run_vocab_parallel("kd_loss", student_logits, teacher_logits, target,
                                    vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index,
                                    backend=backend, temperature=temperature, alpha=alpha, reduction=reduction,
                                    ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
     _check_logit_pair(student_logits, teacher_logits)
-    _check_distill_options(temperature, alpha, reduction, target)
-    _checks.num_items_in_batch(num_items_in_batch, reduction, student_logits.device)
     flat_target = _check_row_target(target, student_logits, ignore_index, required=False)
     return _run_row_loss("kd_loss", backend, student_logits, teacher_logits, flat_target,
                         temperature=temperature, alpha=alpha, reduction=reduction, ignore_index=ignore_index,

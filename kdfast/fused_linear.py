@@ -316,8 +316,6 @@ def _fused_linear(loss_name, student_hidden, student_weight, teacher_hidden, tea
     if options["alpha"] < 1 and target is None:
         raise ValueError(f"target is required when alpha < 1 (alpha={options['alpha']} weights a CE term)")
     if parallel:
-        if vocab_parallel_group is None:
-            raise ValueError("vocab_start_index needs vocab_parallel_group (the tensor-parallel process group)")
         _checks.choice("backend", backend, ("auto", "reference", "cpu", "triton", "cuda"))
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias)

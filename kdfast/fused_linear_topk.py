@@ -195,8 +195,6 @@ def fused_linear_topk_divergence_loss(student_hidden: torch.Tensor, student_weig
     flat_target = None if target is None else target.reshape(-1).long()
 
     if parallel:
-        if vocab_parallel_group is None:
-            raise ValueError("vocab_start_index needs vocab_parallel_group (the tensor-parallel process group)")
         return vocab_parallel_linear_loss("topk_divergence_loss", hidden, student_weight, student_bias,
                                           (indices, logprobs), flat_target, group=vocab_parallel_group,
                                           vocab_start_index=vocab_start_index, chunk_size=chunk_size, **options)
