@@ -707,3 +707,35 @@ def test_chunked_rows_equal_the_reference_with_the_same_collectives(pool, loss, 
     assert_matches(torch.cat([r["grad"] for r in results], dim=-1), want_grad, tolerance(F64)[1], "grad",
                    per_entry=False)
     check_collectives(results, expected_ops(loss, options), f"{loss} chunked")
+
+
+# --- the loss alone -------------------------------------------------------------------------------
+
+def no_grad_loss_task(rank, world, loss, splits, dtype_name, options):
+    """This rank's loss under torch.no_grad (no Jacobian sums travel) and its collectives."""
+    student, args, target = build(loss, splits, dtype_name)
+    start = sum(splits[:rank])
+    stop = start + splits[rank]
+    with torch.no_grad(), count_collectives() as forward:
+        out = getattr(kdfast, loss)(student[..., start:stop], *shard_args(loss, args, start, stop), target,
+                                    vocab_parallel_group=dist.group.WORLD, vocab_start_index=start, **options)
+    return dict(loss=out, forward=forward)
+
+
+@pytest.mark.parametrize("loss, options", [
+    ("kd_loss", dict(alpha=0.5)),
+    ("divergence_loss", dict(divergence="jsd", beta=0.3)),
+    ("divergence_loss", dict(divergence="tvd")),
+    ("skd_loss", dict(normalize="standardize", alpha=0.7)),
+    ("topk_divergence_loss", dict(tail="bucket")),
+], ids=["kd", "jsd", "tvd", "skd", "topk"])
+def test_loss_without_gradient(pool, loss, options):
+    """Under torch.no_grad (evaluation) the two-level forms send no Jacobian sums: the same loss as
+    the reference with the same collectives."""
+    splits = SPLITS[pool.world_size]
+    options = dict(options, reduction="none")
+    results = pool.run(no_grad_loss_task, loss, splits, "f64", options)
+    want_loss, _ = reference(loss, splits, "f64", options, "random")
+    for result in results:
+        assert_matches(result["loss"], want_loss, tolerance(F64)[0], "loss", per_entry=True)
+    check_collectives([dict(r, backward=[]) for r in results], expected_ops(loss, options), f"{loss} no_grad")

@@ -332,8 +332,7 @@ def parallel_rows(form: RowForm, student: torch.Tensor, teacher: Optional[torch.
                     if sub.teacher is not None:
                         nan_count[block] += sub.teacher.sum(dim=-1).isnan().to(dtype)
                 sums, consts, leaves = level_sums(sub, level, block, totals, constants)
-                jac = _row_jacobians(sums, leaves) if need_jacobians else \
-                    [sums.new_zeros(sums.shape + t.shape[-1:]) for t in totals] if compute_grad else []
+                jac = _row_jacobians(sums, leaves) if need_jacobians else []
             packed_parts.append(torch.cat([sums.detach(), consts.to(sums.dtype)] + [j.flatten(1).to(sums.dtype) for j in jac],
                                            dim=-1))
         packed = torch.cat(packed_parts) if len(packed_parts) > 1 else packed_parts[0]
@@ -351,7 +350,7 @@ def parallel_rows(form: RowForm, student: torch.Tensor, teacher: Optional[torch.
         constants.append(packed[:, m:m + c])
         offset = m + c
         reduced_jac = []
-        for previous in totals[:-1]:
+        for previous in totals[:-1] if need_jacobians else ():  # Jacobians only travel for a gradient
             size = m * previous.shape[-1]
             reduced_jac.append(packed[:, offset:offset + size].reshape(rows, m, previous.shape[-1]))
             offset += size
