@@ -25,12 +25,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ..reference._common import compute_dtype, valid_rows
 from ..topk import reduce_loss_rows, row_weights
-from .vocab import (NEG_INF, DenseDivergence, Spherical, TopK, VocabShard, _check_in_vocabulary, _issue,
-                    is_dtensor, parallel_rows, vocab_shard)
+from .vocab import NEG_INF, _check_in_vocabulary, _issue, form_for, is_dtensor, parallel_rows, vocab_shard
 
 __all__ = ["full_weight", "vocab_parallel_linear_loss"]
 
@@ -63,18 +61,6 @@ def full_weight(weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return _AverageGradient.apply(full, mesh.size())
 
 
-def _form_for(loss_name: str, options: dict, indices=None, logprobs=None):
-    if loss_name == "kd_loss":
-        return DenseDivergence(divergence="forward_kl", t2_scaling=True, **options)
-    if loss_name == "skd_loss":
-        return Spherical(**options)
-    if loss_name == "divergence_loss":
-        return DenseDivergence(**options)
-    if loss_name == "topk_divergence_loss":
-        return TopK(indices, logprobs, **options)
-    raise ValueError(f"{loss_name} has no vocabulary-parallel fused-linear form")
-
-
 class _VocabParallelLinear(torch.autograd.Function):
     """Forward: the loss and the student's gradients, chunk by chunk (the hidden-state gradient
     all-reduced once at the end); backward: scales them by the upstream gradient."""
@@ -87,7 +73,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         dtype = compute_dtype(hidden.dtype)
         gemm_weight = weight.to(dtype)
         gemm_bias = None if bias is None else bias.to(dtype)
-        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if compute_grad else None
+        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if want[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want[1] else None
         grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if want[2] else None
         loss_rows = torch.empty(rows, dtype=dtype, device=hidden.device)
@@ -143,19 +129,26 @@ def vocab_parallel_linear_loss(loss_name: str, hidden: torch.Tensor, weight: tor
     if chunk_size is None:
         chunk_size = max(1, min(rows, max(512, (1 << 24) // max(weight.shape[0], 1))))
 
+    weights = []  # d(reduced loss)/dℓ_n of every row, once the global vocabulary size is known
+
+    def chunk_weights(vocab, start, stop):
+        if not weights:
+            weights.append(row_weights(valid, reduction, vocab, num_items_in_batch, dtype))
+        return weights[0][start:stop]
+
     def run_chunk(logits, start, stop, compute_grad):
         chunk_target = None if flat_target is None else flat_target[start:stop]
         if loss_name == "topk_divergence_loss":
-            form = _form_for(loss_name, options, indices[start:stop], logprobs[start:stop])
+            form = form_for(loss_name, options, indices[start:stop], logprobs[start:stop])
             teacher_logits = None
         else:
-            form = _form_for(loss_name, options)
+            form = form_for(loss_name, options)
             with torch.no_grad():
                 teacher_logits = torch.nn.functional.linear(teacher_hidden[start:stop].detach().to(dtype),
                                                             teacher_weight, teacher_bias)
         loss_rows, grad, vocab = parallel_rows(form, logits, teacher_logits, chunk_target, ignore_index, shard,
-                                               lambda v: row_weights(valid, reduction, v, num_items_in_batch, dtype)[start:stop], compute_grad=compute_grad,
-                                               grad_dtype=dtype)
+                                               lambda vocab: chunk_weights(vocab, start, stop),
+                                               compute_grad=compute_grad, grad_dtype=dtype)
         if chunk_target is not None:
             _check_in_vocabulary("target", chunk_target, valid[start:stop], vocab)
         if loss_name == "topk_divergence_loss":

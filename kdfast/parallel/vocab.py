@@ -61,7 +61,7 @@ from ..reference.topk import BUCKET_DROP_MASS, canonical_divergence, check_disti
 from ..topk import reduce_loss_rows, row_weights
 
 __all__ = ["VocabShard", "vocab_shard", "record_collectives", "RowForm", "DenseDivergence", "Spherical",
-           "TopK", "parallel_rows", "vocab_parallel_loss"]
+           "TopK", "form_for", "parallel_rows", "vocab_parallel_loss"]
 
 NEG_INF = -math.inf
 
@@ -772,6 +772,20 @@ def _check_in_vocabulary(name: str, values: torch.Tensor, present: torch.Tensor,
         raise ValueError(f"{name} holds a class index ≥ the vocabulary size {int(vocab)} of the sharded logits")
 
 
+def form_for(loss_name: str, options: dict, indices=None, logprobs=None) -> RowForm:
+    """The form of a public loss: ``kd_loss`` (forward KL with T²), ``skd_loss``,
+    ``divergence_loss``, ``topk_divergence_loss`` (with the rows' top-k indices and log-probs)."""
+    if loss_name == "kd_loss":
+        return DenseDivergence(divergence="forward_kl", t2_scaling=True, **options)
+    if loss_name == "skd_loss":
+        return Spherical(**options)
+    if loss_name == "divergence_loss":
+        return DenseDivergence(**options)
+    if loss_name == "topk_divergence_loss":
+        return TopK(indices, logprobs, **options)
+    raise ValueError(f"{loss_name} has no vocabulary-parallel form")
+
+
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     """[..., V_r] → [N, V_r], also for a rank without columns (V_r = 0)."""
     return logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
@@ -786,17 +800,10 @@ def vocab_parallel_loss(loss_name: str, student_logits: torch.Tensor, teacher, t
     if loss_name == "topk_divergence_loss":
         indices, logprobs = teacher
         k = indices.shape[-1]
-        form = TopK(indices.reshape(-1, k), logprobs.reshape(-1, k), **options)
+        form = form_for(loss_name, options, indices.reshape(-1, k), logprobs.reshape(-1, k))
         teacher_rows = None
     else:
-        if loss_name == "kd_loss":
-            form = DenseDivergence(divergence="forward_kl", t2_scaling=True, **options)
-        elif loss_name == "skd_loss":
-            form = Spherical(**options)
-        elif loss_name == "divergence_loss":
-            form = DenseDivergence(**options)
-        else:
-            raise ValueError(f"{loss_name} has no vocabulary-parallel form")
+        form = form_for(loss_name, options)
         teacher_rows = _as_rows(teacher)
     leading = student_logits.shape[:-1]
     rows = _as_rows(student_logits)
