@@ -47,8 +47,9 @@ import kdfast
 from kdfast.integrations.transformers import KDTrainer, causal_lm_distillation_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 from distill_lm import load_text  # noqa: E402  (the same bytes of the standard library)
+from benchmarks.memory import peak_step_bytes  # noqa: E402
 
 SEQ = 128
 
@@ -105,19 +106,9 @@ def perplexity(model, data: Sequences) -> float:
 
 
 def peak_bytes(step) -> int:
-    """High-water mark of the bytes torch's CPU allocator holds during ``step()``, from the
-    profiler's memory events (exact for torch's own allocations)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
+    """High-water mark of the bytes torch's CPU allocator holds during ``step()`` (the profiler's
+    memory events: exact for torch's own allocations)."""
+    return peak_step_bytes(step, device=torch.device("cpu"), live_bytes=0)
 
 
 def measure_memory(vocab: int, batch: int, seq: int, student=None, teacher=None) -> dict:

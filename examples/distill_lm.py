@@ -56,6 +56,8 @@ import kdfast
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 256
+sys.path.insert(0, os.path.dirname(HERE))  # the repository's benchmarks package
+from benchmarks.memory import peak_step_bytes  # noqa: E402
 
 
 def load_text(kb: int) -> torch.Tensor:
@@ -156,8 +158,6 @@ SHAPES = {"train (4096 tok, H 64/256, V 256)": (4096, 64, 256, 256),
 
 def _measure_one(shape_name: str, backend: str, loss_name: str) -> dict:
     """Run in a fresh process: peak extra memory of one loss forward + backward."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.set_num_threads(1)
     n, hs, ht, v = SHAPES[shape_name]
     gen = torch.Generator().manual_seed(0)
@@ -182,14 +182,7 @@ def _measure_one(shape_name: str, backend: str, loss_name: str) -> dict:
     seconds = time.perf_counter() - t0
     rss_peak = (rss_kb("VmHWM") - before) * 1024
     h_s.grad = w_s.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
+    peak = peak_step_bytes(step, device=torch.device("cpu"), live_bytes=0)
     gradients = (h_s.numel() + w_s.numel()) * 4
     logits = n * v * 4
     return dict(shape=shape_name, loss=loss_name, backend=backend, profiler_peak=peak, rss_peak=rss_peak,
