@@ -48,6 +48,7 @@ Workers are plain state between tasks: a task that changes global state (monkeyp
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import io
 import os
@@ -311,3 +312,33 @@ def _close_shared() -> None:
     for pool in _SHARED.values():
         pool.close()
     _SHARED.clear()
+
+
+#: every torch.distributed entry point that communicates (those that exist in this torch)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+               "all_to_all_single", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv",
+               "batch_isend_irecv")
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Patch torch.distributed's collectives to log (name, reduce op) per call."""
+    log: list = []
+    saved = {}
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+        saved[name] = original
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            op = kwargs.get("op", args[1] if _name == "all_reduce" and len(args) > 1 else None)
+            log.append((_name, None if op is None else str(op).rsplit(".", 1)[-1].lower()))
+            return _original(*args, **kwargs)
+        setattr(dist, name, counting)
+    try:
+        yield log
+    finally:
+        for name, original in saved.items():
+            setattr(dist, name, original)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_pool import count_collectives
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -70,30 +71,6 @@ def _call(kdfast, loss_name, data, weight, bias, teacher_weight, teacher_bias, h
               teacher_bias=teacher_bias, **options, **extra)
 
 
-class _Counter:
-    """Counts torch.distributed collectives (all of the API's reductions and gathers)."""
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-             "broadcast")
-
-    def __init__(self):
-        self.calls, self.saved = [], {}
-
-    def __enter__(self):
-        for name in self.NAMES:
-            original = getattr(dist, name)
-            self.saved[name] = original
-
-            def counted(*args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(*args, **kwargs)
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self.saved.items():
-            setattr(dist, name, original)
-
-
 def _vocab_parallel_cases(rank, world, kdfast):
     splits = SPLITS[world]
     vocab = sum(splits)
@@ -109,12 +86,12 @@ def _vocab_parallel_cases(rank, world, kdfast):
             local = {"hidden": data["hidden"].clone().requires_grad_(),
                      "weight": data["weight"][start:stop].clone().requires_grad_(),
                      "bias": data["bias"][start:stop].clone().requires_grad_()}
-            with _Counter() as forward:
+            with count_collectives() as forward:
                 loss = _call(kdfast, loss_name, data, local["weight"], local["bias"],
                              data["teacher_weight"][start:stop], data["teacher_bias"][start:stop], local["hidden"],
                              options, vocab_parallel_group=dist.group.WORLD, vocab_start_index=start,
                              chunk_size=CHUNK)
-            with _Counter() as backward:
+            with count_collectives() as backward:
                 (GRAD_OUTPUT * loss).backward()
             results[f"{name}-{str(dtype)[6:]}"] = dict(
                 loss=float(loss), reference=float(reference),
@@ -122,7 +99,7 @@ def _vocab_parallel_cases(rank, world, kdfast):
                 weight=float((local["weight"].grad.float() - leaves["weight"].grad[start:stop].float()).abs().max()),
                 bias=float((local["bias"].grad.float() - leaves["bias"].grad[start:stop].float()).abs().max()),
                 scale=float(leaves["hidden"].grad.float().abs().max()),
-                forward=forward.calls, backward=backward.calls)
+                forward=[name for name, _ in forward], backward=[name for name, _ in backward])
     return results
 
 
@@ -168,7 +145,7 @@ def _fsdp_case(rank, world, kdfast):
     placements = [p.is_shard(0) for p in student.lm_head.weight.placements]
     per_rank = tokens.shape[0] // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    with _Counter() as counter:
+    with count_collectives() as counter:
         loss = _training_step(kdfast, student, teacher, tokens[rows], labels[rows])
     losses = [None] * world
     dist.all_gather_object(losses, loss)
@@ -177,7 +154,7 @@ def _fsdp_case(rank, world, kdfast):
               for (name, param), reference in zip(student.named_parameters(), single.parameters())}
     changed = float((single.lm_head.weight - _models_and_batch()[0].lm_head.weight).abs().max())
     return dict(placements=placements, grad_placements=grad_placements, mean_loss=sum(losses) / world, single_loss=single_loss, errors=errors,
-                head_changed=changed, collectives=counter.calls)
+                head_changed=changed, collectives=[name for name, _ in counter])
 
 
 def _worker(rank, world, init_file, out_dir):

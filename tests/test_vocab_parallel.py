@@ -11,7 +11,6 @@ upcast inputs, as tests/backends.py) and compares.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import kdfast
-from distributed_pool import DistributedPool, skip_reason
+from distributed_pool import DistributedPool, count_collectives, skip_reason
 
 # The workers import this module to find the tasks: keep its imports light (tests/backends.py
 # probes the Triton backend at import time; the parent-side helpers import it when they run).
@@ -155,36 +154,6 @@ def shard_args(loss, args, start, stop):
 
 
 # --- counting the collectives in a worker -------------------------------------------------------
-
-#: every torch.distributed entry point that communicates (those that exist in this torch)
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
-               "all_to_all_single", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv",
-               "batch_isend_irecv")
-
-
-@contextlib.contextmanager
-def count_collectives():
-    """Patch torch.distributed's collectives to log (name, reduce op) per call."""
-    log: list = []
-    saved = {}
-    for name in COLLECTIVES:
-        original = getattr(dist, name, None)
-        if original is None:
-            continue
-        saved[name] = original
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            op = kwargs.get("op", args[1] if _name == "all_reduce" and len(args) > 1 else None)
-            log.append((_name, None if op is None else str(op).rsplit(".", 1)[-1].lower()))
-            return _original(*args, **kwargs)
-        setattr(dist, name, counting)
-    try:
-        yield log
-    finally:
-        for name, original in saved.items():
-            setattr(dist, name, original)
-
 
 def expected_ops(loss, options):
     """The collectives of one call, in order (the table of kdfast/parallel/vocab.py)."""
