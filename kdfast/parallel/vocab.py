@@ -55,6 +55,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..backends._contract import canonical_divergence as dense_canonical_divergence
 from ..reference._common import compute_dtype, mask_rows, valid_rows
 from ..reference.divergence import divergence_rows, kl_terms, transform_logits
 from ..reference.topk import BUCKET_DROP_MASS, canonical_divergence, check_distinct, log1mexp
@@ -419,10 +420,9 @@ class DenseDivergence(RowForm):
     def __init__(self, *, divergence="forward_kl", beta=0.5, skew_alpha=0.1, mixed_kl_weight=0.5, temperature=1.0,
                  t2_scaling=False, alpha=1.0, student_logit_scale=1.0, student_softcap=None,
                  teacher_logit_scale=1.0, teacher_softcap=None, **_unused):
-        self.form = canonical_divergence(divergence, beta, mixed_kl_weight) if divergence in (
-            "forward_kl", "reverse_kl", "mixed_kl", "jsd") else divergence
-        if divergence.startswith("skew") and skew_alpha == 0:
-            self.form = "forward_kl" if divergence == "skew_forward_kl" else "reverse_kl"
+        # the endpoints of the weighted forms are the plain KLs (one level, two collectives)
+        self.form, _ = dense_canonical_divergence(divergence, beta=beta, skew_alpha=skew_alpha,
+                                                  mixed_kl_weight=mixed_kl_weight)
         self.beta, self.skew_alpha, self.mixed_kl_weight = beta, skew_alpha, mixed_kl_weight
         self.temperature, self.alpha = temperature, alpha
         self.scale = alpha * (temperature**2 if t2_scaling else 1.0)
